@@ -1,0 +1,13 @@
+"""Exceptions free_jax raises for bad input. All are `ValueError`s, so callers can catch broadly."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names it and what would be valid."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not match its configuration."""
+
+
+class InputError(ValueError):
+    """An argument to `decode`/`forward` is invalid; the message names it and what is valid."""

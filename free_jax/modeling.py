@@ -1,0 +1,463 @@
+"""T5 as pure functions over a parameter pytree.
+
+The parameters are nested dicts of arrays (layout below); every function takes them explicitly and
+returns new values, so caches and decode state are plain pytrees that go in and come out of every
+call. Decoder blocks are a Python list, and `decoder_blocks` runs any contiguous range `[start,
+stop)` of them over a block of Q new positions per example: FREE's shallow step (blocks
+`[0, L_s)`, Q = 1), its deep step (blocks `[L_s, L)`, Q = k + 1) and teacher-forced training
+(all blocks, Q = T) all call the same code. A list rather than stacked `[L, ...]` arrays makes a
+segment a zero-cost static slice; the blocks are unrolled, which at T5 depths keeps compile times
+to seconds.
+
+Parameter layout (kernels are `[in, out]`; shapes use the legend in `free_jax.config`):
+
+    shared/embedding                 [V, D]
+    lm_head                          [D, V]   (absent when the head is the embedding)
+    encoder/rel_bias                 [NB, H]
+    encoder/final_norm               [D]
+    encoder/blocks[i]/self_attn/{q,k,v} [D, H*Dh], self_attn/o [H*Dh, D], self_attn_norm [D]
+    encoder/blocks[i]/ffn/{wi | wi_0, wi_1} [D, F], ffn/wo [F, D], ffn_norm [D]
+    decoder/rel_bias, decoder/final_norm, decoder/blocks[i]/... as the encoder, plus
+    decoder/blocks[i]/cross_attn/{q,k,v,o}, cross_attn_norm [D]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from free_jax.config import T5Config
+from free_jax.kv_cache import DecoderCache, LayerCache, write_positions
+
+Params = dict[str, Any]
+Array = jax.Array
+
+_F32 = jnp.float32
+
+
+# ---------------------------------------------------------------------------- initialisation
+
+
+def init_params(config: T5Config, rng: Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters with the scales of Hugging Face's T5 initialiser (factor 1.0).
+
+    Random tiny models built from these give non-degenerate logits, which the tests rely on.
+    """
+    D, F, V, H, NB = (
+        config.d_model,
+        config.d_ff,
+        config.vocab_size,
+        config.num_heads,
+        config.relative_attention_num_buckets,
+    )
+    inner = config.inner_dim
+    keys = iter(jax.random.split(rng, 4096))
+
+    def normal(shape, std):
+        return (jax.random.normal(next(keys), shape, _F32) * std).astype(dtype)
+
+    def ones(n):
+        return jnp.ones((n,), dtype)
+
+    def attn():
+        return {
+            "q": normal((D, inner), (D * config.d_kv) ** -0.5),
+            "k": normal((D, inner), D**-0.5),
+            "v": normal((D, inner), D**-0.5),
+            "o": normal((inner, D), inner**-0.5),
+        }
+
+    def ffn():
+        if config.is_gated_act:
+            p = {"wi_0": normal((D, F), D**-0.5), "wi_1": normal((D, F), D**-0.5)}
+        else:
+            p = {"wi": normal((D, F), D**-0.5)}
+        p["wo"] = normal((F, D), F**-0.5)
+        return p
+
+    def block(cross: bool):
+        b = {"self_attn": attn(), "self_attn_norm": ones(D)}
+        if cross:
+            b["cross_attn"] = attn()
+            b["cross_attn_norm"] = ones(D)
+        b["ffn"] = ffn()
+        b["ffn_norm"] = ones(D)
+        return b
+
+    params: Params = {
+        "shared": {"embedding": normal((V, D), 1.0)},
+        "encoder": {
+            "rel_bias": normal((NB, H), D**-0.5),
+            "blocks": [block(cross=False) for _ in range(config.num_layers)],
+            "final_norm": ones(D),
+        },
+        "decoder": {
+            "rel_bias": normal((NB, H), D**-0.5),
+            "blocks": [block(cross=True) for _ in range(config.num_decoder_layers)],
+            "final_norm": ones(D),
+        },
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = normal((D, V), 1.0)
+    return params
+
+
+def param_shapes(config: T5Config, dtype: Any = jnp.float32) -> Params:
+    """The parameter pytree's `ShapeDtypeStruct`s, computed without allocating anything."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
+
+
+def cast_params(params: Params, dtype: Any) -> Params:
+    """Casts every floating-point parameter to `dtype` (activations follow the parameters)."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """T5's layer norm: RMS only, no mean, no bias; the statistics in float32."""
+    variance = jnp.mean(jnp.square(x.astype(_F32)), axis=-1, keepdims=True)
+    normed = x.astype(_F32) * jax.lax.rsqrt(variance + eps)
+    return scale * normed.astype(scale.dtype)
+
+
+def _activation(name: str):
+    return {
+        "relu": jax.nn.relu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+    }[name]
+
+
+def feed_forward(p: Params, x: Array, config: T5Config) -> Array:
+    act = _activation(config.dense_act_fn)
+    if config.is_gated_act:
+        h = act(x @ p["wi_0"]) * (x @ p["wi_1"])
+    else:
+        h = act(x @ p["wi"])
+    return h @ p["wo"]
+
+
+def relative_position_bucket(
+    relative_position: Array, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Array:
+    """Maps `key_pos - query_pos` to T5's bucket index (int32, same shape).
+
+    Half the buckets hold exact small distances, the other half logarithmically wider bins up to
+    `max_distance`; with `bidirectional`, the buckets are split again between the two directions.
+    """
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative_position)
+    else:
+        distance = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # float32 throughout, as in the reference, so bucket edges land on the same integers.
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(_F32) / max_exact) / math.log(
+        max_distance / max_exact
+    )
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(is_small, distance, large)
+
+
+def relative_bias(
+    table: Array,
+    query_positions: Array,
+    key_positions: Array,
+    *,
+    bidirectional: bool,
+    config: T5Config,
+) -> Array:
+    """Relative-position attention bias.
+
+    Args:
+      table: [NB, H] learned bias per bucket and head.
+      query_positions: int32[B, Q] absolute positions of the queries.
+      key_positions: int32[T] absolute positions of the keys.
+
+    Returns:
+      float32[B, H, Q, T].
+    """
+    rel = key_positions[None, None, :] - query_positions[:, :, None]  # [B, Q, T]
+    buckets = relative_position_bucket(
+        rel,
+        bidirectional=bidirectional,
+        num_buckets=config.relative_attention_num_buckets,
+        max_distance=config.relative_attention_max_distance,
+    )
+    bias = table.astype(_F32)[buckets]  # [B, Q, T, H]
+    return jnp.transpose(bias, (0, 3, 1, 2))
+
+
+def _split_heads(x: Array, config: T5Config) -> Array:
+    return x.reshape(*x.shape[:-1], config.num_heads, config.d_kv)  # [..., H, Dh]
+
+
+def attend(q: Array, k: Array, v: Array, bias: Array | None, mask: Array) -> Array:
+    """Scaled-free dot-product attention (T5 folds the 1/sqrt(Dh) into the initialisation).
+
+    Args:
+      q: [B, Q, H, Dh]; k, v: [B, T, H, Dh].
+      bias: float32, broadcastable to [B, H, Q, T], or None.
+      mask: bool, broadcastable to [B, H, Q, T]; False keys are ignored.
+
+    Returns:
+      [B, Q, H, Dh] in the dtype of `v`.
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_F32)
+    if bias is not None:
+        logits = logits + bias
+    logits = jnp.where(mask, logits, jnp.finfo(_F32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _merge_heads(x: Array) -> Array:
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+# ---------------------------------------------------------------------------- encoder
+
+
+def embed(params: Params, token_ids: Array) -> Array:
+    """[B, T] token ids -> [B, T, D] embeddings (no scaling: T5 does not scale them)."""
+    return jnp.take(params["shared"]["embedding"], token_ids, axis=0)
+
+
+def encode(params: Params, config: T5Config, input_ids: Array, attention_mask: Array) -> Array:
+    """Runs the encoder.
+
+    Args:
+      input_ids: int32[B, S].
+      attention_mask: [B, S], nonzero for real tokens.
+
+    Returns:
+      [B, S, D] encoder output after the final norm.
+    """
+    enc = params["encoder"]
+    eps = config.layer_norm_epsilon
+    S = input_ids.shape[1]
+    mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S]
+    positions = jnp.arange(S, dtype=jnp.int32)
+    bias = relative_bias(
+        enc["rel_bias"], positions[None], positions, bidirectional=True, config=config
+    )  # [1, H, S, S]
+    x = embed(params, input_ids)
+    for block in enc["blocks"]:
+        h = rms_norm(x, block["self_attn_norm"], eps)
+        a = block["self_attn"]
+        q, k, v = (_split_heads(h @ a[n], config) for n in ("q", "k", "v"))
+        x = x + _merge_heads(attend(q, k, v, bias, mask)) @ a["o"]
+        x = x + feed_forward(block["ffn"], rms_norm(x, block["ffn_norm"], eps), config)
+    return rms_norm(x, enc["final_norm"], eps)
+
+
+# ---------------------------------------------------------------------------- decoder
+
+
+def init_decoder_cache(
+    params: Params,
+    config: T5Config,
+    encoder_output: Array,
+    encoder_mask: Array,
+    max_length: int,
+) -> DecoderCache:
+    """An empty self-attention cache and the cross-attention K/V, computed once.
+
+    Args:
+      encoder_output: [B, S, D].
+      encoder_mask: [B, S], nonzero for real source tokens.
+      max_length: T, decoder positions the cache can hold.
+    """
+    B = encoder_output.shape[0]
+    dtype = encoder_output.dtype
+    layers, cross_k, cross_v = [], [], []
+    for block in params["decoder"]["blocks"]:
+        layers.append(LayerCache.empty(B, max_length, config.num_heads, config.d_kv, dtype))
+        ca = block["cross_attn"]
+        cross_k.append(_split_heads(encoder_output @ ca["k"], config))
+        cross_v.append(_split_heads(encoder_output @ ca["v"], config))
+    return DecoderCache(
+        layers=tuple(layers),
+        cross_k=tuple(cross_k),
+        cross_v=tuple(cross_v),
+        encoder_mask=encoder_mask.astype(bool),
+    )
+
+
+@flax.struct.dataclass
+class SegmentOutput:
+    """What `decoder_blocks` returns.
+
+    Attributes:
+      hidden: [B, Q, D] residual stream after the segment's last block (before the final norm).
+      cache: the cache with the segment's layers updated.
+      block_states: with `return_block_states`, one [B, Q, D] residual stream per block of the
+        segment (after that block); otherwise an empty tuple.
+    """
+
+    hidden: Array
+    cache: DecoderCache
+    block_states: tuple[Array, ...] = ()
+
+
+def decoder_blocks(
+    params: Params,
+    config: T5Config,
+    cache: DecoderCache,
+    hidden: Array,
+    *,
+    start: int,
+    stop: int,
+    num_new: Array | None = None,
+    return_block_states: bool = False,
+) -> SegmentOutput:
+    """Runs decoder blocks `[start, stop)` over Q new positions per example.
+
+    The queries of row b sit at absolute positions `cache.layers[start].length[b] + [0, Q)`; the
+    first `num_new[b]` of them are real. Their keys and values are written into each layer's cache
+    at those positions (padding queries write nothing), and each query attends causally to every
+    cached position up to its own. Rows may therefore be at different positions, and a block of
+    Q positions gives the same cache and outputs as Q single-position calls.
+
+    Args:
+      hidden: [B, Q, D] input residual stream (token embeddings when `start == 0`).
+      start, stop: static block range, 0 <= start < stop <= L.
+      num_new: int32[B], real positions per row (default: all Q).
+      return_block_states: also return every block's output (training, analysis, parity).
+    """
+    L = config.num_decoder_layers
+    if not 0 <= start < stop <= L:
+        raise ValueError(f"decoder block range [{start}, {stop}) is not within [0, {L}].")
+    B, Q, _ = hidden.shape
+    eps = config.layer_norm_epsilon
+    if num_new is None:
+        num_new = jnp.full((B,), Q, jnp.int32)
+    offsets = cache.layers[start].length  # [B]
+    query_pos = offsets[:, None] + jnp.arange(Q, dtype=jnp.int32)[None, :]  # [B, Q]
+    max_len = cache.layers[start].k.shape[1]
+    key_pos = jnp.arange(max_len, dtype=jnp.int32)  # [T]
+    self_bias = relative_bias(
+        params["decoder"]["rel_bias"], query_pos, key_pos, bidirectional=False, config=config
+    )  # [B, H, Q, T]
+    causal = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]  # [B, 1, Q, T]
+    cross_mask = cache.encoder_mask[:, None, None, :]  # [B, 1, 1, S]
+    valid = jnp.arange(Q)[None, :] < num_new[:, None]  # [B, Q]
+
+    layers = list(cache.layers)
+    states = []
+    x = hidden
+    for i in range(start, stop):
+        block = params["decoder"]["blocks"][i]
+        # Self-attention: write this call's K/V, then attend over the cache.
+        h = rms_norm(x, block["self_attn_norm"], eps)
+        sa = block["self_attn"]
+        q, k, v = (_split_heads(h @ sa[n], config) for n in ("q", "k", "v"))
+        layers[i] = write_positions(layers[i], k, v, query_pos, valid, num_new)
+        attn = attend(q, layers[i].k, layers[i].v, self_bias, causal)
+        x = x + _merge_heads(attn) @ sa["o"]
+        # Cross-attention over the encoder output (no position bias in T5).
+        h = rms_norm(x, block["cross_attn_norm"], eps)
+        ca = block["cross_attn"]
+        q = _split_heads(h @ ca["q"], config)
+        attn = attend(q, cache.cross_k[i], cache.cross_v[i], None, cross_mask)
+        x = x + _merge_heads(attn) @ ca["o"]
+        x = x + feed_forward(block["ffn"], rms_norm(x, block["ffn_norm"], eps), config)
+        if return_block_states:
+            states.append(x)
+    return SegmentOutput(
+        hidden=x, cache=cache.replace(layers=tuple(layers)), block_states=tuple(states)
+    )
+
+
+def exit_head(params: Params, config: T5Config, hidden: Array) -> Array:
+    """The exit shared by every block: final RMS norm, the v1.0 rescale, the LM head.
+
+    Args:
+      hidden: [..., D] residual stream after any decoder block.
+
+    Returns:
+      float32[..., V] logits.
+    """
+    h = rms_norm(hidden, params["decoder"]["final_norm"], config.layer_norm_epsilon)
+    if config.scale_decoder_outputs:
+        h = h * jnp.asarray(config.d_model**-0.5, h.dtype)
+    if "lm_head" in params:
+        return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=_F32)
+    return jnp.einsum(
+        "...d,vd->...v", h, params["shared"]["embedding"], preferred_element_type=_F32
+    )
+
+
+# ---------------------------------------------------------------------------- whole model
+
+
+@flax.struct.dataclass
+class ForwardOutput:
+    """Teacher-forced outputs.
+
+    Attributes:
+      logits: float32[B, T, V] at the requested exit.
+      encoder_output: [B, S, D].
+      block_states: with `return_block_states`, L' residual streams [B, T, D], one after each
+        decoder block up to the exit.
+    """
+
+    logits: Array
+    encoder_output: Array
+    block_states: tuple[Array, ...] = ()
+
+
+def forward(
+    params: Params,
+    config: T5Config,
+    input_ids: Array,
+    decoder_input_ids: Array,
+    attention_mask: Array | None = None,
+    *,
+    exit_layer: int | None = None,
+    return_block_states: bool = False,
+) -> ForwardOutput:
+    """Teacher-forced encoder-decoder pass, read at the exit after block `exit_layer`.
+
+    Args:
+      input_ids: int32[B, S].
+      decoder_input_ids: int32[B, T] (start token first).
+      attention_mask: [B, S], default all ones.
+      exit_layer: number of decoder blocks to run, in [1, L]; default L.
+    """
+    L = config.num_decoder_layers
+    exit_layer = L if exit_layer is None else exit_layer
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    enc = encode(params, config, input_ids, attention_mask)
+    T = decoder_input_ids.shape[1]
+    cache = init_decoder_cache(params, config, enc, attention_mask, T)
+    out = decoder_blocks(
+        params,
+        config,
+        cache,
+        embed(params, decoder_input_ids),
+        start=0,
+        stop=exit_layer,
+        return_block_states=return_block_states,
+    )
+    return ForwardOutput(
+        logits=exit_head(params, config, out.hidden),
+        encoder_output=enc,
+        block_states=out.block_states,
+    )

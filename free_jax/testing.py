@@ -1,0 +1,176 @@
+"""Test kit: tiny configurations, random models, a tiny tokenizer, reference checkpoints.
+
+Every test builds its models here, so tests stay fast, deterministic and offline. The reference
+helpers (`make_hf_checkpoint`) need torch and are used only by parity tests.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from free_jax.config import T5Config
+from free_jax.model import Model
+
+VARIANTS = ("v1.0", "v1.1", "mt5")
+TINY_VOCAB = 128
+_TOKENIZER_EXTRA_IDS = 8
+
+
+def tiny_config(variant: str = "v1.1", **overrides: Any) -> T5Config:
+    """A tiny T5 of the given family; `overrides` replace any field.
+
+    v1.0: ReLU feed-forward, head tied to the embedding, decoder output rescaled.
+    v1.1: gated-GELU, separate LM head, no rescale (also Flan-T5). mt5: v1.1 labelled mT5.
+    Head dim times heads (4 * 12 = 48) deliberately differs from d_model (32).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}; valid: {VARIANTS}.")
+    base = dict(
+        vocab_size=TINY_VOCAB,
+        d_model=32,
+        d_kv=12,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=4,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+    )
+    if variant == "v1.0":
+        base.update(
+            dense_act_fn="relu",
+            is_gated_act=False,
+            tie_word_embeddings=True,
+            scale_decoder_outputs=True,
+        )
+    else:
+        base.update(
+            dense_act_fn="gelu_new",
+            is_gated_act=True,
+            tie_word_embeddings=False,
+            scale_decoder_outputs=False,
+            model_type="mt5" if variant == "mt5" else "t5",
+        )
+    base.update(overrides)
+    return T5Config(**base)
+
+
+def tiny_model(
+    variant: str = "v1.1",
+    seed: int = 0,
+    *,
+    dtype: Any = jnp.float32,
+    tokenizer: Any = None,
+    **overrides: Any,
+) -> Model:
+    """A randomly initialised tiny model (see `tiny_config`)."""
+    return Model.random(tiny_config(variant, **overrides), seed, dtype=dtype, tokenizer=tokenizer)
+
+
+def random_ids(
+    shape: tuple[int, int], seed: int = 0, *, vocab_size: int = TINY_VOCAB, low: int = 2
+) -> np.ndarray:
+    """Random token ids in [low, vocab_size): by default no padding (0) and no EOS (1)."""
+    return np.random.default_rng(seed).integers(low, vocab_size, shape, dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def train_tiny_spiece(directory: str | os.PathLike, vocab_size: int = TINY_VOCAB) -> Path:
+    """Trains a T5-style SentencePiece model on the shipped tiny corpus into `directory`.
+
+    Ids follow T5: pad 0, EOS 1, unk 2, no BOS. The tokenizer adds `_TOKENIZER_EXTRA_IDS`
+    sentinels, so the SentencePiece vocabulary is `vocab_size - _TOKENIZER_EXTRA_IDS`.
+    Deterministic (one thread, fixed corpus).
+    """
+    import sentencepiece as spm
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    corpus = importlib.resources.files("free_jax") / "assets" / "tiny_corpus.txt"
+    with importlib.resources.as_file(corpus) as corpus_path:
+        spm.SentencePieceTrainer.train(
+            input=str(corpus_path),
+            model_prefix=str(directory / "spiece"),
+            vocab_size=vocab_size - _TOKENIZER_EXTRA_IDS,
+            model_type="unigram",
+            character_coverage=1.0,
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            num_threads=1,
+            minloglevel=2,
+        )
+    return directory / "spiece.model"
+
+
+def tiny_tokenizer(directory: str | os.PathLike | None = None) -> Any:
+    """A `T5Tokenizer` over a SentencePiece model trained on the tiny corpus (TINY_VOCAB ids)."""
+    from transformers import T5Tokenizer
+
+    directory = Path(directory or tempfile.mkdtemp(prefix="free_jax_tok_"))
+    if not (directory / "spiece.model").is_file():
+        train_tiny_spiece(directory)
+    # from_pretrained on the directory (not vocab_file=...): see the environment notes.
+    return T5Tokenizer.from_pretrained(str(directory), extra_ids=_TOKENIZER_EXTRA_IDS)
+
+
+# ---------------------------------------------------------------------------- references
+
+
+def make_hf_checkpoint(
+    directory: str | os.PathLike, config: T5Config, seed: int = 0, *, tokenizer: Any = None
+) -> Path:
+    """Writes a randomly initialised `transformers` PyTorch T5 checkpoint for `config`.
+
+    Tied configs are saved with `save_pretrained`. transformers 5.x ties the head of every model it
+    creates, so untied configs are written in the 4.x format by hand: a separate random
+    `lm_head.weight` and `tie_word_embeddings: false` in `config.json`, as real v1.1 / Flan-T5 /
+    mT5 checkpoints have. Needs torch.
+    """
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    hf_dict = config.to_hf_dict()
+    hf_dict.pop("architectures")
+    hf_dict.pop("scale_decoder_outputs")
+    hf_dict["dropout_rate"] = 0.0
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**hf_dict)).eval()
+    if config.tie_word_embeddings:
+        model.save_pretrained(str(directory))
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {
+            k: v.detach().clone().contiguous()
+            for k, v in model.state_dict().items()
+            if not k.endswith("embed_tokens.weight")
+        }
+        state["lm_head.weight"] = torch.randn_like(state["shared.weight"])
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        hf_dict["tie_word_embeddings"] = False
+        hf_dict["architectures"] = ["T5ForConditionalGeneration"]
+        with open(directory / "config.json", "w") as f:
+            json.dump(hf_dict, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def load_hf_reference(directory: str | os.PathLike) -> Any:
+    """The `transformers` PyTorch model of a checkpoint directory, in eval mode, float32."""
+    import transformers
+
+    return transformers.T5ForConditionalGeneration.from_pretrained(str(directory)).eval()
