@@ -1,0 +1,363 @@
+"""Invariants of the decoder cache and of greedy decoding, and `decode`'s input checks."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import free_jax
+from free_jax import modeling, testing
+from free_jax.errors import InputError
+from free_jax.search import greedy_search
+
+
+@pytest.fixture(scope="module", params=["v1.0", "v1.1"])
+def model(request):
+    return testing.tiny_model(request.param, seed=3)
+
+
+def _ragged_batch(seed=0, batch=4, width=14):
+    ids = testing.random_ids((batch, width), seed)
+    lengths = np.linspace(width, 3, batch).astype(int)
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
+    return np.where(mask == 1, ids, 0), mask
+
+
+# ---------------------------------------------------------------------------- greedy invariants
+
+
+def test_greedy_equals_argmax_of_teacher_forced_forward(model):
+    ids, mask = _ragged_batch()
+    out = free_jax.decode(model, ids, attention_mask=mask, max_new_tokens=10)
+    start = np.full((ids.shape[0], 1), model.config.decoder_start_token_id, np.int32)
+    dec = np.concatenate([start, out.tokens[:, :-1]], axis=1)
+    logits = np.asarray(free_jax.forward(model, ids, dec, attention_mask=mask))
+    argmax = logits.argmax(-1)
+    for row, n in enumerate(out.lengths):
+        np.testing.assert_array_equal(out.tokens[row, :n], argmax[row, :n])
+
+
+def test_batch_equals_rows_decoded_alone(model):
+    ids, mask = _ragged_batch(seed=1)
+    batch = free_jax.decode(model, ids, attention_mask=mask, max_new_tokens=10)
+    for row in range(ids.shape[0]):
+        n = int(mask[row].sum())
+        alone = free_jax.decode(model, ids[row : row + 1, :n], max_new_tokens=10)
+        np.testing.assert_array_equal(alone.tokens[0], batch.tokens[row])
+        assert alone.lengths[0] == batch.lengths[row]
+
+
+def test_min_new_tokens_suppresses_eos_until_reached():
+    model = testing.tiny_model("v1.1", seed=0)
+    # An EOS-favouring head: without suppression every row stops at once.
+    head = np.asarray(model.params["lm_head"]).copy()
+    head[:, model.config.eos_token_id] += 10.0
+    model = model.__class__(model.config, {**model.params, "lm_head": jnp.asarray(head)})
+    ids, mask = _ragged_batch(seed=2)
+    eager = free_jax.decode(model, ids, attention_mask=mask, max_new_tokens=8)
+    np.testing.assert_array_equal(eager.lengths, 1)
+    assert eager.steps == 1
+    held = free_jax.decode(model, ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=5)
+    eos = model.config.eos_token_id
+    assert (held.lengths > 5).all() and (held.tokens[:, :5] != eos).all()
+    # Beyond suppression it is still greedy: argmax of the teacher-forced logits, EOS masked
+    # at the first five positions.
+    start = np.zeros((ids.shape[0], 1), np.int32)
+    dec = np.concatenate([start, held.tokens[:, :-1]], axis=1)
+    logits = np.asarray(free_jax.forward(model, ids, dec, attention_mask=mask)).copy()
+    logits[:, :5, eos] = -np.inf
+    for row, n in enumerate(held.lengths):
+        np.testing.assert_array_equal(held.tokens[row, :n], logits[row, :n].argmax(-1))
+        assert (held.tokens[row, n:] == model.config.pad_token_id).all()
+
+
+# ---------------------------------------------------------------------------- the cache
+
+
+def _setup(model, batch=3, T=12):
+    config = model.config
+    ids, mask = _ragged_batch(seed=4, batch=batch)
+    enc = modeling.encode(model.params, config, jnp.asarray(ids), jnp.asarray(mask))
+    cache = modeling.init_decoder_cache(model.params, config, enc, jnp.asarray(mask), T)
+    tokens = testing.random_ids((batch, T), seed=5)
+    return config, cache, tokens
+
+
+_blocks = jax.jit(modeling.decoder_blocks, static_argnames=("config", "start", "stop"))
+_forward = jax.jit(modeling.forward, static_argnames=("config", "return_block_states"))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "start", "stop"))
+def _run(params, config, cache, tokens, start, stop, num_new):
+    """Embeds `tokens` [B, Q] and runs blocks [start, stop); returns (logits [B, Q, V], cache)."""
+    x = modeling.embed(params, jnp.asarray(tokens))
+    out = modeling.decoder_blocks(
+        params, config, cache, x, start=start, stop=stop, num_new=jnp.asarray(num_new, jnp.int32)
+    )
+    return modeling.exit_head(params, config, out.hidden), out.cache
+
+
+def _single_steps(params, config, cache, tokens, counts):
+    """Feeds row b's next counts[b] tokens one position per call (idle rows write nothing)."""
+    B = tokens.shape[0]
+    logits = np.zeros((B, max(counts), config.vocab_size), np.float32)
+    consumed = np.zeros(B, int)
+    for i in range(max(counts)):
+        active = np.asarray(counts) > i
+        offsets = np.asarray(cache.layers[0].length)
+        column = tokens[np.arange(B), np.minimum(offsets, tokens.shape[1] - 1)][:, None]
+        step_logits, cache = _run(
+            params, config, cache, column, 0, config.num_decoder_layers, active.astype(np.int32)
+        )
+        logits[active, i] = np.asarray(step_logits)[active, 0]
+        consumed += active
+    return logits, cache
+
+
+def _block(params, config, cache, tokens, counts):
+    """Feeds row b's next counts[b] tokens in one call of Q = max(counts) positions."""
+    B, Q = tokens.shape[0], max(counts)
+    offsets = np.asarray(cache.layers[0].length)
+    index = np.minimum(offsets[:, None] + np.arange(Q)[None, :], tokens.shape[1] - 1)
+    block = tokens[np.arange(B)[:, None], index]
+    logits, cache = _run(params, config, cache, block, 0, config.num_decoder_layers, counts)
+    return np.asarray(logits), cache
+
+
+def _assert_same_cache(a, b):
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        np.testing.assert_array_equal(np.asarray(la.length), np.asarray(lb.length))
+        np.testing.assert_allclose(np.asarray(la.k), np.asarray(lb.k), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(la.v), np.asarray(lb.v), atol=1e-5, rtol=0)
+
+
+def test_block_write_equals_single_steps_at_ragged_offsets(model):
+    """Rows sit at different positions and take different numbers of new positions."""
+    params = model.params
+    config, cache, tokens = _setup(model)
+    rounds = [[3, 1, 2], [4, 2, 0], [1, 4, 3]]  # new positions per row, per call
+    single, blocked = cache, cache
+    for counts in rounds:
+        l_single, single = _single_steps(params, config, single, tokens, counts)
+        l_block, blocked = _block(params, config, blocked, tokens, counts)
+        _assert_same_cache(single, blocked)
+        for row, n in enumerate(counts):
+            np.testing.assert_allclose(l_block[row, :n], l_single[row, :n], atol=1e-4, rtol=0)
+
+
+def test_shallow_steps_then_deep_block_equals_full_steps(model):
+    """FREE's pattern: blocks [0, Ls) one position at a time, then [Ls, L) over all at once."""
+    params = model.params
+    config, cache, tokens = _setup(model, batch=2)
+    L, Ls, k = config.num_decoder_layers, 2, 4
+    # Reference: k full-depth single steps.
+    l_full, full = _single_steps(params, config, cache, tokens, [k, k])
+    # Shallow single steps keep their hidden states; the deep blocks then take all k at once.
+    shallow_states = []
+    split = cache
+    for i in range(k):
+        x = modeling.embed(params, jnp.asarray(tokens[:, i : i + 1]))
+        out = _blocks(params, config, split, x, start=0, stop=Ls)
+        split = out.cache
+        shallow_states.append(out.hidden)
+    hidden = jnp.concatenate(shallow_states, axis=1)  # [B, k, D]
+    deep = _blocks(params, config, split, hidden, start=Ls, stop=L)
+    _assert_same_cache(full, deep.cache)
+    logits = np.asarray(modeling.exit_head(params, config, deep.hidden))
+    np.testing.assert_allclose(logits, l_full[:, :k], atol=1e-4, rtol=0)
+
+
+def test_exit_head_after_any_block_matches_forward_exit_layer(model):
+    ids, mask = _ragged_batch(seed=6)
+    dec = testing.random_ids((ids.shape[0], 5), seed=7)
+    dec[:, 0] = 0
+    out = _forward(
+        model.params,
+        model.config,
+        jnp.asarray(ids),
+        jnp.asarray(dec),
+        jnp.asarray(mask),
+        return_block_states=True,
+    )
+    for exit_layer in range(1, model.config.num_decoder_layers + 1):
+        expected = modeling.exit_head(model.params, model.config, out.block_states[exit_layer - 1])
+        got = free_jax.forward(model, ids, dec, attention_mask=mask, exit_layer=exit_layer)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the search loop
+
+
+def test_greedy_search_with_scripted_logits():
+    """The loop alone: EOS ends a row, later tokens are padding, steps stop when all are done."""
+    V, eos, pad = 6, 1, 0
+    script = np.array(
+        [  # the token each row emits at each step
+            [3, 4, 1, 5, 5],
+            [2, 1, 5, 5, 5],
+            [5, 5, 5, 5, 5],
+        ]
+    )
+    logits_table = jax.nn.one_hot(script, V) * 10.0  # [B, steps, V]
+
+    def step_fn(cache, tokens, step):
+        calls = cache + 1
+        return logits_table[:, step], calls
+
+    result = greedy_search(
+        step_fn,
+        jnp.zeros((), jnp.int32),
+        batch_size=3,
+        max_new_tokens=4,
+        start_id=0,
+        eos_id=eos,
+        pad_id=pad,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(result.tokens), [[3, 4, 1, 0], [2, 1, 0, 0], [5, 5, 5, 5]]
+    )
+    np.testing.assert_array_equal(np.asarray(result.lengths), [3, 2, 4])
+    assert int(result.steps) == 4 and int(result.cache) == 4
+
+    # Without the never-ending row the loop stops after the last EOS.
+    result = greedy_search(
+        lambda c, t, s: (logits_table[:2, s], c + 1),
+        jnp.zeros((), jnp.int32),
+        batch_size=2,
+        max_new_tokens=5,
+        start_id=0,
+        eos_id=eos,
+        pad_id=pad,
+    )
+    assert int(result.steps) == 3 and int(result.cache) == 3
+
+
+def test_greedy_search_feeds_back_its_tokens():
+    """Each step receives the previous step's argmax (the start id first)."""
+
+    def step_fn(cache, tokens, step):
+        logits = jax.nn.one_hot((tokens + 2) % 7, 7)
+        return logits, cache.at[step].set(tokens[0])
+
+    result = greedy_search(
+        step_fn,
+        jnp.zeros((5,), jnp.int32),
+        batch_size=1,
+        max_new_tokens=5,
+        start_id=0,
+        eos_id=1,
+        pad_id=0,
+    )
+    # Fed 0, 2, 4, 6; the fourth step emits EOS (8 % 7 = 1) and the loop ends: slot 4 unused.
+    np.testing.assert_array_equal(np.asarray(result.cache), [0, 2, 4, 6, 0])
+    assert int(result.steps) == 4
+    np.testing.assert_array_equal(np.asarray(result.tokens)[0], [2, 4, 6, 1, 0])
+
+
+# ---------------------------------------------------------------------------- text and dtypes
+
+
+def test_strings_decode_like_their_token_ids(tmp_path):
+    tokenizer = testing.tiny_tokenizer(tmp_path)
+    model = testing.tiny_model("v1.0", seed=1, tokenizer=tokenizer)
+    texts = ["the deep blocks run once", "a token may leave early when it is confident"]
+    out = free_jax.decode(model, texts, max_new_tokens=6)
+    encoded = tokenizer(texts, padding=True, return_tensors="np")
+    by_ids = free_jax.decode(
+        model, encoded["input_ids"], attention_mask=encoded["attention_mask"], max_new_tokens=6
+    )
+    np.testing.assert_array_equal(out.tokens, by_ids.tokens)
+    expected = tokenizer.batch_decode(
+        [r[:n].tolist() for r, n in zip(out.tokens, out.lengths, strict=True)],
+        skip_special_tokens=True,
+    )
+    assert out.texts == expected
+    assert by_ids.texts == expected  # a tokenizer is there, so ids get texts too
+
+
+def test_bfloat16_decoding_runs_in_bfloat16():
+    model = testing.tiny_model("v1.1", seed=0).astype(jnp.bfloat16)
+    assert model.dtype == jnp.bfloat16
+    ids, mask = _ragged_batch()
+    out = free_jax.decode(model, ids, attention_mask=mask, max_new_tokens=6)
+    assert out.tokens.shape == (ids.shape[0], 6) and out.tokens.dtype == np.int32
+    assert ((out.tokens >= 0) & (out.tokens < model.config.vocab_size)).all()
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def small():
+    return testing.tiny_model("v1.1", seed=0)
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ([], "inputs is empty"),
+        (np.zeros((0, 5), np.int32), "empty"),
+        (np.zeros((2, 0), np.int32), "empty"),
+        (np.array([5, 6, 7]), "add a batch axis"),
+        (np.array([[5, 6, 500]]), "token id 500"),
+        (np.array([[5.0, 6.0]]), "integer token ids"),
+        (np.array([[0, 0, 0], [4, 5, 0]]), "row(s) [0] have no real tokens"),
+        (["a string"], "need a tokenizer"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(small, inputs, message):
+    with pytest.raises(
+        InputError,
+        match=message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]"),
+    ):
+        free_jax.decode(small, inputs, max_new_tokens=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+        (dict(max_new_tokens=-3), "got -3"),
+        (dict(max_new_tokens=2.5), "got 2.5"),
+        (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens=5 exceeds max_new_tokens=4"),
+        (dict(method="beam"), "method='beam' is not known"),
+        (dict(attention_mask=np.ones((1, 3))), "attention_mask has shape"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(small, kwargs, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        free_jax.decode(small, np.array([[5, 6, 7], [8, 9, 10]]), **kwargs)
+
+
+def test_too_long_input_raises_or_truncates_with_warning():
+    model = testing.tiny_model("v1.1", seed=0, max_source_length=8)
+    ids = testing.random_ids((2, 12), seed=0)
+    with pytest.raises(InputError, match="12 tokens, more than the model's max_source_length=8"):
+        free_jax.decode(model, ids, max_new_tokens=3)
+    with pytest.warns(UserWarning, match="truncating inputs from 12 to max_source_length=8"):
+        cut = free_jax.decode(model, ids, max_new_tokens=3, truncate=True)
+    np.testing.assert_array_equal(
+        cut.tokens, free_jax.decode(model, ids[:, :8], max_new_tokens=3).tokens
+    )
+
+
+def test_padding_does_not_count_towards_the_length_limit():
+    model = testing.tiny_model("v1.1", seed=0, max_source_length=8)
+    ids = np.zeros((2, 12), np.int32)
+    ids[0, :8] = testing.random_ids((1, 8), seed=1)
+    ids[1, :3] = testing.random_ids((1, 3), seed=2)
+    free_jax.decode(model, ids, max_new_tokens=2)  # 8 real tokens at most: accepted
+
+
+def test_forward_rejects_bad_exit_layer(small):
+    ids = np.array([[5, 6, 7]])
+    for bad in (0, small.config.num_decoder_layers + 1, 1.5, True):
+        with pytest.raises(InputError, match="exit_layer"):
+            free_jax.forward(small, ids, ids, exit_layer=bad)
