@@ -1,0 +1,70 @@
+"""The `free-jax` command: decoding on the embedded default, on a checkpoint, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import free_jax
+from free_jax import cli, testing
+
+
+def test_decode_embedded_default_prints_texts(capsys):
+    assert cli.main(["decode", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert len(lines) == len(cli.DEFAULT_TEXTS) and lines[0].startswith("[0] '")
+    assert "embedded tiny random model" in out.err
+
+
+def test_decode_ids_json_matches_the_api(tmp_path, capsys):
+    model = testing.tiny_model("v1.0", seed=4)
+    free_jax.save(model, tmp_path / "ckpt")
+    argv = [
+        "decode",
+        "--model",
+        str(tmp_path / "ckpt"),
+        "--ids",
+        "5 6 7 8",
+        "--ids",
+        "9, 10",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    ids = np.array([[5, 6, 7, 8], [9, 10, 0, 0]])
+    expected = free_jax.decode(model, ids, max_new_tokens=6)
+    for row, record in enumerate(rows):
+        assert record["tokens"] == expected.tokens[row, : expected.lengths[row]].tolist()
+        assert record["text"] is None  # no tokenizer in this checkpoint
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["decode", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
+        (["decode", "--ids", "5 x"], "--ids '5 x' is not a list of integers"),
+        (["decode", "hello", "--ids", "5"], "either texts or --ids"),
+        (["decode", "--model", "/no/such/dir"], "/no/such/dir"),
+    ],
+)
+def test_errors_exit_2_with_a_message(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    """The installed `free-jax` entry point (what the README runs) answers --help."""
+    script = Path(sys.executable).parent / "free-jax"
+    if not script.exists():
+        pytest.skip("free-jax is not installed next to this interpreter")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "decode" in result.stdout and "fit-threshold" in result.stdout
