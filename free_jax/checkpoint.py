@@ -97,16 +97,34 @@ def _listing(path: Path) -> str:
 
 def _load_hub(name: str, dtype: Any, revision: str | None) -> Model:
     import huggingface_hub
+    from huggingface_hub.errors import (
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         local = huggingface_hub.snapshot_download(
             name, revision=revision, allow_patterns=_HUB_PATTERNS
         )
-    except Exception as e:  # noqa: BLE001 - every failure mode gets the same clear message
+    except Exception as e:  # noqa: BLE001 - every failure mode gets a clear message
+        cause = f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]})"
+        # Not found or not a valid name: the hub answered, or was never needed to tell.
+        if isinstance(e, HFValidationError):
+            raise CheckpointError(
+                f"{name!r} is neither a local directory nor a valid Hugging Face Hub name; "
+                f"pass a checkpoint directory. {cause}"
+            ) from e
+        if isinstance(e, RepositoryNotFoundError | RevisionNotFoundError):
+            at = f" at revision {revision!r}" if revision else ""
+            raise CheckpointError(
+                f"{name!r} is neither a local directory nor a model{at} on the Hugging Face Hub "
+                f"(or it is private or gated); pass a checkpoint directory. {cause}"
+            ) from e
         raise CheckpointError(
-            f"could not get {name!r} from the Hugging Face Hub, and no local directory of that "
-            f"name exists. Without a network, download the checkpoint elsewhere and pass its "
-            f"directory. ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            f"{name!r} is not a local directory, and the Hugging Face Hub could not be reached "
+            f"to download it (offline, or HF_HUB_OFFLINE is set). Download the checkpoint "
+            f"elsewhere and pass its local directory instead. {cause}"
         ) from e
     return _load_hf_dir(Path(local), dtype)
 
@@ -115,9 +133,9 @@ def read_hf_config(path: Path) -> T5Config:
     """Reads `config.json` of a Hugging Face checkpoint directory into a `T5Config`."""
     config_file = path / "config.json"
     try:
-        with open(config_file) as f:
+        with open(config_file, encoding="utf-8") as f:
             hf = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}.") from e
     if not isinstance(hf, dict):
         raise CheckpointError(f"{config_file} must hold a JSON object, got {type(hf).__name__}.")
@@ -125,6 +143,9 @@ def read_hf_config(path: Path) -> T5Config:
         return T5Config.from_hf_dict(hf)
     except ConfigError as e:
         raise ConfigError(f"{config_file}: {e}") from e
+    except (TypeError, ValueError, AttributeError) as e:
+        # A field of the wrong JSON type (e.g. "feed_forward_proj": null, "d_model": "512").
+        raise ConfigError(f"{config_file} has a field of the wrong type: {e!r}.") from e
 
 
 def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
@@ -149,8 +170,17 @@ def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
         state = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many unrelated types for bad files
         raise CheckpointError(f"cannot read weights file {file}: {e}.") from e
+    if not isinstance(state, Mapping):
+        raise CheckpointError(
+            f"{file} holds a {type(state).__name__}; expected a state dict (tensor name -> tensor)."
+        )
     out = {}
     for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(
+                f"{file}: entry {name!r} is not a tensor but a {type(tensor).__name__}; expected a "
+                f"flat state dict (a training checkpoint must be reduced to its model weights)."
+            )
         if tensor.dtype == torch.bfloat16:
             import ml_dtypes
 
@@ -224,6 +254,8 @@ def _load_hf_dir(path: Path, dtype: Any) -> Model:
 
 
 def _check_tokenizer(tokenizer: Any, config: T5Config, path: Path) -> None:
+    # Unlike an unreadable tokenizer (warned, dropped), a readable one that emits ids the model
+    # has no embedding for is a mismatched checkpoint, and decoding with it would fail later.
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
         raise CheckpointError(
             f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
@@ -260,35 +292,60 @@ def save(
 
     Args:
       model: the model to save.
-      path: the directory to create (must not exist yet, so nothing is overwritten by accident).
+      path: the directory to write: a new one, or an existing empty one. Never overwritten: an
+        existing non-empty directory (an earlier checkpoint, say) raises `CheckpointError`.
       metadata: extra JSON-serialisable entries kept beside the config (e.g. FREE settings).
+
+    Returns:
+      The absolute checkpoint directory.
     """
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    if path.exists():
-        raise CheckpointError(f"{path} already exists; save writes a new directory.")
-    path.mkdir(parents=True)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise CheckpointError(
+            f"cannot save to {path}: it already exists and is not an empty directory "
+            f"(found: {_listing(path) if path.is_dir() else 'a file'}). save never overwrites; "
+            f"choose a new path or remove the old one first."
+        )
     meta = {
         "format_version": _FORMAT_VERSION,
         "config": dataclasses.asdict(model.config),
         "dtype": str(jnp.dtype(model.dtype)),
         "metadata": dict(metadata or {}),
     }
+    # Serialised before anything is written, so bad metadata leaves no half-written directory.
+    try:
+        header = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"metadata must be JSON-serialisable: {e}.") from e
+    path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / "params", model.params)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(path / "tokenizer"))
     # Written last: a directory without it is an interrupted save, not a checkpoint.
     with open(path / FREE_JAX_META, "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+        f.write(header)
     return path
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The `metadata` dictionary saved beside a free_jax checkpoint."""
-    with open(Path(path) / FREE_JAX_META) as f:
-        return json.load(f).get("metadata", {})
+    meta_file = Path(path) / FREE_JAX_META
+    if not meta_file.is_file():
+        raise CheckpointError(
+            f"{path} is not a free_jax checkpoint (no {FREE_JAX_META}); only checkpoints written "
+            f"by free_jax.save carry metadata."
+        )
+    try:
+        with open(meta_file, encoding="utf-8") as f:
+            header = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_file} is not valid JSON: {e}.") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{meta_file} must hold a JSON object, got {type(header).__name__}.")
+    return header.get("metadata", {})
 
 
 def _load_free_jax(path: Path, dtype: Any) -> Model:
@@ -296,12 +353,12 @@ def _load_free_jax(path: Path, dtype: Any) -> Model:
 
     meta_file = path / FREE_JAX_META
     try:
-        with open(meta_file) as f:
+        with open(meta_file, encoding="utf-8") as f:
             meta = json.load(f)
         version = meta["format_version"]
         config = T5Config(**meta["config"])
         stored_dtype = jnp.dtype(meta["dtype"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(
             f"{meta_file} is not a valid free_jax checkpoint header: {e!r}."
         ) from e

@@ -79,14 +79,16 @@ def hf_to_params(
     Returns:
       A tuple (params, config), the config's `tie_word_embeddings` set from the weights.
     """
-    has_lm_head = "lm_head.weight" in state and not (
-        "shared.weight" in state and np.array_equal(state["lm_head.weight"], state["shared.weight"])
-    )
     if "shared.weight" not in state:
-        for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        # Some exporters keep only a stack's copy of the tied embedding. Resolve the alias before
+        # deciding about the head, or a tied `lm_head.weight` would look like a separate head.
+        for alias in _REDUNDANT:
             if alias in state:
                 state = {**state, "shared.weight": state[alias]}
                 break
+    has_lm_head = "lm_head.weight" in state and not (
+        "shared.weight" in state and np.array_equal(state["lm_head.weight"], state["shared.weight"])
+    )
     config = config.replace(tie_word_embeddings=not has_lm_head)
     shapes = param_shapes(config)
     params = jax.tree.map(lambda _: None, shapes, is_leaf=lambda x: hasattr(x, "shape"))
