@@ -69,6 +69,7 @@ def greedy_full(
     cache = modeling.init_decoder_cache(
         params, config, encoder_output, attention_mask, max_new_tokens
     )
+    params = modeling.fuse_for_decoding(params)
 
     def step(cache, tokens, _):
         x = modeling.embed(params, tokens[:, None])  # [B, 1, D]

@@ -141,7 +141,10 @@ def _activation(name: str):
 
 def feed_forward(p: Params, x: Array, config: T5Config) -> Array:
     act = _activation(config.dense_act_fn)
-    if config.is_gated_act:
+    if "wi_fused" in p:  # decode layout, see `fuse_for_decoding`
+        gate, linear = jnp.split(x @ p["wi_fused"], 2, axis=-1)
+        h = act(gate) * linear
+    elif config.is_gated_act:
         h = act(x @ p["wi_0"]) * (x @ p["wi_1"])
     else:
         h = act(x @ p["wi"])
@@ -224,6 +227,38 @@ def attend(q: Array, k: Array, v: Array, bias: Array | None, mask: Array) -> Arr
     logits = jnp.where(mask, logits, jnp.finfo(_F32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _self_attention_qkv(p: Params, h: Array, config: T5Config) -> tuple[Array, Array, Array]:
+    """Query, key and value heads [..., H, Dh] of the self-attention input `h`."""
+    if "qkv" in p:  # decode layout, see `fuse_for_decoding`
+        return tuple(_split_heads(x, config) for x in jnp.split(h @ p["qkv"], 3, axis=-1))
+    return tuple(_split_heads(h @ p[n], config) for n in ("q", "k", "v"))
+
+
+def fuse_for_decoding(params: Params) -> Params:
+    """The decoder's weights rearranged for one-token-at-a-time decoding; same function.
+
+    Decoding at small batch is a chain of matrix-vector products that are bound by memory
+    bandwidth, and on CPU a few large products use the cores better than many small ones. This
+    concatenates each decoder block's self-attention Q/K/V kernels into one `qkv` [D, 3*H*Dh] and
+    gated feed-forward kernels into one `wi_fused` [D, 2*F], and stores a tied head as an explicit
+    `lm_head` [D, V] (a contiguous copy of the embedding's transpose, which XLA reads faster than
+    the embedding itself). Call it once per decode, outside the token loop; `decoder_blocks`,
+    `feed_forward` and `exit_head` accept either layout. The encoder is left as it is.
+    """
+    blocks = []
+    for block in params["decoder"]["blocks"]:
+        sa = block["self_attn"]
+        fused_sa = {"qkv": jnp.concatenate([sa["q"], sa["k"], sa["v"]], axis=1), "o": sa["o"]}
+        ffn = dict(block["ffn"])
+        if "wi_0" in ffn:
+            ffn = {"wi_fused": jnp.concatenate([ffn["wi_0"], ffn["wi_1"]], axis=1), "wo": ffn["wo"]}
+        blocks.append({**block, "self_attn": fused_sa, "ffn": ffn})
+    fused = {**params, "decoder": {**params["decoder"], "blocks": blocks}}
+    if "lm_head" not in params:
+        fused["lm_head"] = params["shared"]["embedding"].T
+    return fused
 
 
 def _merge_heads(x: Array) -> Array:
@@ -366,7 +401,7 @@ def decoder_blocks(
         # Self-attention: write this call's K/V, then attend over the cache.
         h = rms_norm(x, block["self_attn_norm"], eps)
         sa = block["self_attn"]
-        q, k, v = (_split_heads(h @ sa[n], config) for n in ("q", "k", "v"))
+        q, k, v = _self_attention_qkv(sa, h, config)
         layers[i] = write_positions(layers[i], k, v, query_pos, valid, num_new)
         attn = attend(q, layers[i].k, layers[i].v, self_bias, causal)
         x = x + _merge_heads(attn) @ sa["o"]

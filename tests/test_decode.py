@@ -361,3 +361,19 @@ def test_forward_rejects_bad_exit_layer(small):
     for bad in (0, small.config.num_decoder_layers + 1, 1.5, True):
         with pytest.raises(InputError, match="exit_layer"):
             free_jax.forward(small, ids, ids, exit_layer=bad)
+
+
+def test_decode_layout_computes_the_same_function(model):
+    """`fuse_for_decoding` only rearranges weights: blocks and exit agree with the plain layout."""
+    config, cache, tokens = _setup(model, batch=2)
+    fused = modeling.fuse_for_decoding(model.params)
+    assert "qkv" in fused["decoder"]["blocks"][0]["self_attn"] and "lm_head" in fused
+    counts = [3, 2]
+    plain_logits, plain_cache = _run(
+        model.params, config, cache, tokens[:, :3], 0, config.num_decoder_layers, counts
+    )
+    fused_logits, fused_cache = _run(
+        fused, config, cache, tokens[:, :3], 0, config.num_decoder_layers, counts
+    )
+    np.testing.assert_allclose(np.asarray(fused_logits), np.asarray(plain_logits), atol=1e-5)
+    _assert_same_cache(plain_cache, fused_cache)
