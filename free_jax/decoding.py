@@ -1,9 +1,19 @@
 """`free_jax.decode`: batched greedy decoding, one jitted `lax.while_loop` per call.
 
+Methods:
+
+* "full": every token runs all L decoder blocks (the speed-up denominator).
+* "static": every token exits after block `exit_layer`.
+* "free": FREE's shallow-deep module with synchronized parallel decoding (`free_jax.spd`): a token
+  whose shallow confidence beats `threshold` exits after block `exit_layer`; the deep blocks later
+  run once over all exited tokens, so the deep KV cache stays exact. `mode="exact"` verifies the
+  exited tokens and reproduces full-model greedy output.
+
 `decode` is the host-level entry point: it validates and tokenizes inputs, pads the source length
 to a bucket (so inputs of similar lengths share one compilation), runs the jitted search for the
-requested method and returns NumPy results with decoded texts. The jitted cores (`greedy_full`)
-are public too, for callers who compose them inside their own `jit`.
+requested method and returns NumPy results with decoded texts. The jitted cores (`greedy_full`,
+`greedy_static`, `free_decode`) are public too, for callers who compose them inside their own
+`jit`; their `threshold` is a traced argument, so a new threshold never recompiles.
 """
 
 from __future__ import annotations
@@ -15,15 +25,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from free_jax import modeling
+from free_jax import modeling, spd
 from free_jax.config import T5Config
 from free_jax.errors import InputError
 from free_jax.model import Model, check_token_ids
 from free_jax.search import greedy_search
 
-METHODS = ("full",)
+METHODS = ("full", "static", "free")
+CONFIDENCES = ("softmax_diff", "softmax_max", "state_cosine", "meta")
+MODES = spd.MODES
 # Source lengths are padded up to a multiple of this (masked), so a stream of inputs of varying
 # length compiles a handful of times instead of once per length.
 SOURCE_BUCKET = 16
@@ -31,20 +44,67 @@ SOURCE_BUCKET = 16
 
 @dataclasses.dataclass(frozen=True)
 class DecodeOutput:
-    """Result of `decode`.
+    """Result of `decode`. T = max_new_tokens.
 
     Attributes:
-      tokens: int32[B, T] generated tokens (T = max_new_tokens), without the decoder start
-        token, EOS included, padding after EOS.
+      tokens: int32[B, T] generated tokens, without the decoder start token, EOS included,
+        padding after EOS.
       lengths: int32[B] tokens generated per row, EOS included.
       texts: decoded strings (special tokens removed) when the model has a tokenizer, else None.
-      steps: decoder steps the loop ran (the longest row's length).
+      steps: loop iterations the search ran.
+      exited: bool[B, T] the token was emitted from the early exit (after `exit_layer` blocks).
+      exit_layer: int32[B, T] decoder blocks the token's prediction came from (0 beyond a row's
+        length).
+      confidence: float32[B, T] the shallow confidence that decided the token ("free"; NaN
+        for methods that decide nothing).
+      agree: int8[B, T] for calibration ("free"): 1 / 0 when a deep pass saw the token and its
+        shallow and deep argmaxes agreed / disagreed, -1 when no deep pass saw it.
+      num_deep_passes: deep passes the batch took ("free"; for "full" every step is one).
+      deep_pass_tokens: int32[num_deep_passes] positions each deep pass processed, over all rows.
     """
 
     tokens: np.ndarray
     lengths: np.ndarray
     texts: list[str] | None
     steps: int
+    exited: np.ndarray
+    exit_layer: np.ndarray
+    confidence: np.ndarray
+    agree: np.ndarray
+    num_deep_passes: int
+    deep_pass_tokens: np.ndarray
+
+    @property
+    def exit_rate(self) -> float:
+        """Share of generated tokens emitted from the early exit."""
+        n = int(self.lengths.sum())
+        return float(self.exited.sum() / n) if n else 0.0
+
+
+def _greedy(params, input_ids, attention_mask, *, config, stop, max_new_tokens, min_new_tokens):
+    """Greedy decoding through decoder blocks [0, stop) and the exit head."""
+    B = input_ids.shape[0]
+    encoder_output = modeling.encode(params, config, input_ids, attention_mask)
+    cache = modeling.init_decoder_cache(
+        params, config, encoder_output, attention_mask, max_new_tokens, num_layers=stop
+    )
+    params = modeling.fuse_for_decoding(params)
+
+    def step(cache, tokens, _):
+        x = modeling.embed(params, tokens[:, None])  # [B, 1, D]
+        out = modeling.decoder_blocks(params, config, cache, x, start=0, stop=stop)
+        return modeling.exit_head(params, config, out.hidden[:, 0]), out.cache
+
+    return greedy_search(
+        step,
+        cache,
+        batch_size=B,
+        max_new_tokens=max_new_tokens,
+        start_id=config.decoder_start_token_id,
+        eos_id=config.eos_token_id,
+        pad_id=config.pad_token_id,
+        min_new_tokens=min_new_tokens,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "min_new_tokens"))
@@ -63,27 +123,142 @@ def greedy_full(
       input_ids: int32[B, S].
       attention_mask: int32[B, S], 1 for real tokens.
     """
+    return _greedy(
+        params,
+        input_ids,
+        attention_mask,
+        config=config,
+        stop=config.num_decoder_layers,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "exit_layer", "max_new_tokens", "min_new_tokens")
+)
+def greedy_static(
+    params, input_ids, attention_mask, *, config, exit_layer, max_new_tokens, min_new_tokens=0
+):
+    """Greedy decoding where every token exits after block `exit_layer` (static exiting)."""
+    return _greedy(
+        params,
+        input_ids,
+        attention_mask,
+        config=config,
+        stop=exit_layer,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+    )
+
+
+def confidence_score(name: str, logits: jax.Array, states: tuple[jax.Array, ...]) -> jax.Array:
+    """Exit confidence per row, float32[B].
+
+    Args:
+      name: "softmax_diff" (top-1 minus top-2 probability, FREE's default), "softmax_max"
+        (top-1 probability) or "state_cosine" (cosine similarity of the residual stream before
+        and after the exit's last block: CALM's state saturation).
+      logits: [B, V] at the exit.
+      states: the residual streams [B, D] before and after the exit's last block.
+    """
+    if name == "state_cosine":
+        before, after = (x.astype(jnp.float32) for x in states)
+        dot = jnp.sum(before * after, axis=-1)
+        norms = jnp.linalg.norm(before, axis=-1) * jnp.linalg.norm(after, axis=-1)
+        return dot / jnp.maximum(norms, 1e-12)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top = jax.lax.top_k(probs, 2)[0]
+    if name == "softmax_max":
+        return top[:, 0]
+    return top[:, 0] - top[:, 1]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "config",
+        "exit_layer",
+        "max_new_tokens",
+        "min_new_tokens",
+        "buffer_capacity",
+        "mode",
+        "confidence",
+    ),
+)
+def free_decode(
+    params: modeling.Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    threshold: jax.Array,
+    *,
+    config: T5Config,
+    exit_layer: int,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    buffer_capacity: int = 8,
+    mode: str = "default",
+    confidence: str = "softmax_diff",
+) -> spd.SpdResult:
+    """FREE decoding, jitted; `threshold` is traced (a float32 scalar), so it never recompiles.
+
+    Args:
+      input_ids, attention_mask: int32[B, S].
+      threshold: a token exits when its confidence is strictly greater.
+      exit_layer: L_s, the shallow model's depth, in [1, L - 1].
+      buffer_capacity: K, exited tokens a row may queue before a deep pass is forced.
+      mode: "default" or "exact" (see `free_jax.spd`).
+      confidence: "softmax_diff", "softmax_max" or "state_cosine".
+    """
     B = input_ids.shape[0]
-    L = config.num_decoder_layers
+    L, Ls = config.num_decoder_layers, exit_layer
     encoder_output = modeling.encode(params, config, input_ids, attention_mask)
     cache = modeling.init_decoder_cache(
         params, config, encoder_output, attention_mask, max_new_tokens
     )
     params = modeling.fuse_for_decoding(params)
 
-    def step(cache, tokens, _):
+    def shallow_fn(cache, tokens, active):
         x = modeling.embed(params, tokens[:, None])  # [B, 1, D]
-        out = modeling.decoder_blocks(params, config, cache, x, start=0, stop=L)
-        return modeling.exit_head(params, config, out.hidden[:, 0]), out.cache
+        out = modeling.decoder_blocks(
+            params,
+            config,
+            cache,
+            x,
+            start=0,
+            stop=Ls,
+            num_new=active.astype(jnp.int32),
+            return_block_states=confidence == "state_cosine",
+        )
+        hidden = out.hidden[:, 0]  # [B, D]
+        logits = modeling.exit_head(params, config, hidden)
+        states = ()
+        if confidence == "state_cosine":
+            before = out.block_states[-2][:, 0] if Ls > 1 else x[:, 0]
+            states = (before, hidden)
+        return logits, hidden, confidence_score(confidence, logits, states), out.cache
 
-    return greedy_search(
-        step,
+    def deep_fn(cache, queries, num_new):
+        out = modeling.decoder_blocks(
+            params, config, cache, queries, start=Ls, stop=L, num_new=num_new
+        )
+        return modeling.exit_head(params, config, out.hidden), out.cache
+
+    return spd.spd_search(
+        shallow_fn,
+        deep_fn,
+        lambda cache, lengths: cache.truncate(lengths),
         cache,
+        threshold,
         batch_size=B,
+        hidden_size=config.d_model,
+        hidden_dtype=encoder_output.dtype,
         max_new_tokens=max_new_tokens,
+        buffer_capacity=buffer_capacity,
         start_id=config.decoder_start_token_id,
         eos_id=config.eos_token_id,
         pad_id=config.pad_token_id,
+        mode=mode,
         min_new_tokens=min_new_tokens,
     )
 
@@ -171,6 +346,38 @@ def _check_lengths(max_new_tokens: Any, min_new_tokens: Any) -> None:
         )
 
 
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    ok = not isinstance(value, bool) and isinstance(value, int | np.integer)
+    if not ok or value < low or (high is not None and value > high):
+        valid = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise InputError(f"{name} must be an integer {valid}, got {value!r}.")
+    return int(value)
+
+
+def _check_threshold(threshold: Any, confidence: str) -> jax.Array:
+    """A float or array threshold, as a float32 scalar; traced values pass through unchecked."""
+    if isinstance(threshold, jax.core.Tracer):
+        return threshold
+    low = -1.0 if confidence == "state_cosine" else 0.0
+    try:
+        value = np.asarray(threshold, np.float32)
+    except (TypeError, ValueError):
+        raise InputError(f"threshold must be a number, got {threshold!r}.") from None
+    if value.ndim != 0:
+        raise InputError(f"threshold must be a scalar, got shape {value.shape}.")
+    if not np.isfinite(value) or not low <= float(value) <= 1.0:
+        raise InputError(
+            f"threshold={float(value)!r} is invalid for confidence={confidence!r}: it must be a "
+            f"finite number in [{low:g}, 1] (1 never exits, {low:g} exits almost always)."
+        )
+    return jnp.asarray(value)
+
+
+def default_exit_layer(config: T5Config) -> int:
+    """L_s when none is given: a quarter of the decoder (the paper's 6 of 24), at least 1."""
+    return max(1, config.num_decoder_layers // 4)
+
+
 def decode(
     model: Model,
     inputs: Any,
@@ -180,40 +387,129 @@ def decode(
     min_new_tokens: int = 0,
     attention_mask: Any = None,
     truncate: bool = False,
+    exit_layer: int | None = None,
+    threshold: Any = 0.9,
+    confidence: str = "softmax_diff",
+    buffer_capacity: int = 8,
+    mode: str = "default",
 ) -> DecodeOutput:
     """Greedy decoding with the chosen method.
 
     Args:
       model: the model.
       inputs: int[B, S] source token ids, or a string / list of strings (needs a tokenizer).
-      method: "full" (every token through all decoder blocks).
+      method: "full" (all decoder blocks), "static" (every token exits after `exit_layer`
+        blocks) or "free" (FREE's shallow-deep module with synchronized parallel decoding).
       max_new_tokens: tokens to generate at most per row (the decode cache size), >= 1.
       min_new_tokens: EOS is suppressed until this many tokens exist (benchmarks use
         `min_new_tokens = max_new_tokens` to fix the work done).
       attention_mask: [B, S] for id inputs; default: nonzero where the id is not padding.
       truncate: cut inputs longer than the model's `max_source_length` with a warning instead of
         raising.
+      exit_layer: "static" and "free": decoder blocks of the early exit, L_s; in [1, L] for
+        "static", [1, L - 1] for "free"; default `default_exit_layer` (L // 4).
+      threshold: "free": a token exits when its confidence is strictly greater; a float or a
+        float32 scalar array (traced: changing it does not recompile).
+      confidence: "free": "softmax_diff" (default), "softmax_max" or "state_cosine"; "meta"
+        needs a checkpoint with a trained exit classifier.
+      buffer_capacity: "free": K >= 1, exited tokens a row may queue before a deep pass is
+        forced.
+      mode: "free": "default" (the paper) or "exact" (output identical to "full").
 
     Returns:
       A `DecodeOutput`.
     """
+    config = model.config
+    L = config.num_decoder_layers
     if method not in METHODS:
         raise InputError(f"method={method!r} is not known; valid methods: {METHODS}.")
     _check_lengths(max_new_tokens, min_new_tokens)
+    if method in ("static", "free"):
+        high = L if method == "static" else L - 1
+        if high < 1:
+            raise InputError(f"method='free' needs at least 2 decoder blocks; this model has {L}.")
+        exit_layer = default_exit_layer(config) if exit_layer is None else exit_layer
+        exit_layer = _check_int("exit_layer", exit_layer, 1, high)
+    if method == "free":
+        if confidence not in CONFIDENCES:
+            raise InputError(f"confidence={confidence!r} is not known; valid: {CONFIDENCES}.")
+        if confidence == "meta":
+            raise InputError(
+                "confidence='meta' needs a checkpoint with a trained exit classifier head, and "
+                "this model has none; use 'softmax_diff', 'softmax_max' or 'state_cosine'."
+            )
+        if mode not in MODES:
+            raise InputError(f"mode={mode!r} is not known; valid modes: {MODES}.")
+        buffer_capacity = _check_int("buffer_capacity", buffer_capacity, 1)
+        threshold = _check_threshold(threshold, confidence)
     ids, mask = prepare_inputs(model, inputs, attention_mask, truncate=truncate)
-    result = greedy_full(
-        model.params,
-        ids,
-        mask,
-        config=model.config,
-        max_new_tokens=int(max_new_tokens),
-        min_new_tokens=int(min_new_tokens),
-    )
+    lengths_kw = dict(max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens))
+    if method == "free":
+        result = free_decode(
+            model.params,
+            ids,
+            mask,
+            threshold,
+            config=config,
+            exit_layer=exit_layer,
+            buffer_capacity=buffer_capacity,
+            mode=mode,
+            confidence=confidence,
+            **lengths_kw,
+        )
+    elif method == "static":
+        result = greedy_static(
+            model.params, ids, mask, config=config, exit_layer=exit_layer, **lengths_kw
+        )
+    else:
+        result = greedy_full(model.params, ids, mask, config=config, **lengths_kw)
+    return _to_output(model, method, result, exit_layer)
+
+
+def _to_output(model: Model, method: str, result: Any, exit_layer: int | None) -> DecodeOutput:
+    L = model.config.num_decoder_layers
     tokens, lengths, steps = jax.device_get((result.tokens, result.lengths, result.steps))
+    B, T = tokens.shape
+    generated = np.arange(T)[None, :] < lengths[:, None]
+    if method == "free":
+        exited, confidence, agree, passes, pass_tokens = jax.device_get(
+            (
+                result.exited,
+                result.confidence,
+                result.agree,
+                result.num_deep_passes,
+                result.pass_tokens,
+            )
+        )
+        exited = exited & generated
+        confidence = np.where(generated, confidence, np.nan).astype(np.float32)
+        passes = int(passes)
+        pass_tokens = pass_tokens[:passes]
+        layer = np.where(exited, exit_layer, L)
+    else:
+        depth = L if method == "full" else exit_layer
+        exited = np.full((B, T), method == "static") & generated
+        confidence = np.full((B, T), np.nan, np.float32)
+        agree = np.full((B, T), -1, np.int8)
+        passes = int(steps) if method == "full" else 0
+        active_per_step = (np.arange(T)[:, None] < lengths[None, :]).sum(axis=1)
+        pass_tokens = active_per_step[:passes].astype(np.int32)
+        layer = np.full((B, T), depth)
     texts = None
     if model.tokenizer is not None:
         texts = model.tokenizer.batch_decode(
             [row[:n].tolist() for row, n in zip(tokens, lengths, strict=True)],
             skip_special_tokens=True,
         )
-    return DecodeOutput(tokens=tokens, lengths=lengths, texts=texts, steps=int(steps))
+    return DecodeOutput(
+        tokens=tokens,
+        lengths=lengths,
+        texts=texts,
+        steps=int(steps),
+        exited=exited,
+        exit_layer=np.where(generated, layer, 0).astype(np.int32),
+        confidence=confidence,
+        agree=agree,
+        num_deep_passes=passes,
+        deep_pass_tokens=np.asarray(pass_tokens, np.int32),
+    )

@@ -58,6 +58,13 @@ class DecoderCache:
     cross_v: tuple[Array, ...]
     encoder_mask: Array
 
+    def truncate(self, lengths: Array) -> DecoderCache:
+        """Rolls every layer of row b back to at most `lengths[b]` positions (int32[B])."""
+        layers = tuple(
+            layer.replace(length=jnp.minimum(layer.length, lengths)) for layer in self.layers
+        )
+        return self.replace(layers=layers)
+
     def lengths(self) -> Array:
         """int32[L, B], positions each layer has cached for each row."""
         return jnp.stack([layer.length for layer in self.layers])

@@ -310,6 +310,8 @@ def init_decoder_cache(
     encoder_output: Array,
     encoder_mask: Array,
     max_length: int,
+    *,
+    num_layers: int | None = None,
 ) -> DecoderCache:
     """An empty self-attention cache and the cross-attention K/V, computed once.
 
@@ -317,11 +319,13 @@ def init_decoder_cache(
       encoder_output: [B, S, D].
       encoder_mask: [B, S], nonzero for real source tokens.
       max_length: T, decoder positions the cache can hold.
+      num_layers: cache only blocks [0, num_layers) (a decoder that never runs deeper, such
+        as static exiting, skips the others' cross-attention K/V); default all L.
     """
     B = encoder_output.shape[0]
     dtype = encoder_output.dtype
     layers, cross_k, cross_v = [], [], []
-    for block in params["decoder"]["blocks"]:
+    for block in params["decoder"]["blocks"][:num_layers]:
         layers.append(LayerCache.empty(B, max_length, config.num_heads, config.d_kv, dtype))
         ca = block["cross_attn"]
         cross_k.append(_split_heads(encoder_output @ ca["k"], config))

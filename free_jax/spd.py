@@ -1,0 +1,331 @@
+"""Synchronized parallel decoding (SPD): FREE's shallow-deep greedy loop, apart from the network.
+
+The loop sees the model only through two callables, so its logic is tested with scripted
+confidences and no weights:
+
+* `shallow_fn(cache, tokens int32[B], active bool[B]) -> (logits [B, V], hidden [B, D],
+  confidence float32[B], cache)` runs the shallow blocks `[0, L_s)` over one position per row (at
+  the row's own position; inactive rows write nothing) and scores its exit.
+* `deep_fn(cache, queries [B, Q, D], num_new int32[B]) -> (logits [B, Q, V], cache)` runs the deep
+  blocks `[L_s, L)` over the first `num_new[b]` of Q queued shallow states per row.
+
+and `truncate_fn(cache, lengths int32[B]) -> cache`, which rolls every layer back to at most
+`lengths` (exact mode only).
+
+Per step, every unfinished row runs the shallow blocks once. A row whose confidence is strictly
+above the threshold *exits*: it emits the shallow argmax and queues its shallow state in a pending
+buffer of capacity K, leaving the deep KV cache behind. When any row does not exit, one deep pass
+serves every such row: the deep blocks run once over `[pending..., current]`, which writes the deep
+KV for all of them (exactly what the full model computes, since the pending tokens ran the real
+shallow blocks) and clears the buffer. Its cost follows the longest queue, not K: the pass is one of
+a few static query-block sizes chosen with `lax.switch`. A full buffer forces a deep pass.
+
+Modes (what the deep pass does with the pending tokens' deep predictions):
+
+* "default" (the paper): pending tokens keep their shallow tokens; the current token emits the deep
+  prediction. Only rows that need the deep model take part, so a row's output never depends on the
+  other rows of its batch.
+* "exact": pending tokens are drafts that the deep pass verifies. The first draft that differs from
+  the deep prediction is replaced by it and the rest are discarded (the row and its caches roll
+  back), so the output equals full-model greedy decoding for any threshold. Every unfinished row
+  takes part in every deep pass (verifying early is free and exact), an EOS draft never exits, and
+  the last position always goes deep, so nothing unverified is emitted.
+
+Every deep pass also yields calibration data for the threshold estimator: for each token it saw,
+whether the shallow and deep argmaxes agree, next to the token's shallow confidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+MODES = ("default", "exact")
+
+ShallowFn = Callable[[Any, Array, Array], tuple[Array, Array, Array, Any]]
+DeepFn = Callable[[Any, Array, Array], tuple[Array, Any]]
+TruncateFn = Callable[[Any, Array], Any]
+
+
+@flax.struct.dataclass
+class SpdState:
+    """Loop carry of `spd_search`. Shapes: B rows, T = max_new_tokens, K = buffer capacity,
+    D = hidden width, P = most deep passes the loop can take.
+
+    Attributes:
+      step: int32[] loop iterations so far.
+      position: int32[B] tokens emitted and kept; the position of the row's next input token.
+      last_token: int32[B] the row's next input token.
+      pending_hidden: [B, K, D] shallow states of the row's exited tokens, oldest first.
+      pending_count: int32[B] how many of them are real; the deep cache lags by this much.
+      tokens: int32[B, T] emitted tokens, padding beyond `position`.
+      exited: bool[B, T] the token was emitted from the shallow exit.
+      confidence: float32[B, T] the shallow confidence that decided each token.
+      agree: int8[B, T] 1 / 0 when a deep pass saw the token and the shallow argmax agreed / did
+        not agree with the deep one; -1 when no deep pass saw it.
+      done: bool[B] the row emitted EOS or filled T tokens (monotonic).
+      num_deep_passes: int32[] deep passes taken.
+      pass_tokens: int32[P] positions each deep pass processed, summed over rows.
+      cache: the callables' state (for T5, a `DecoderCache`).
+    """
+
+    step: Array
+    position: Array
+    last_token: Array
+    pending_hidden: Array
+    pending_count: Array
+    tokens: Array
+    exited: Array
+    confidence: Array
+    agree: Array
+    done: Array
+    num_deep_passes: Array
+    pass_tokens: Array
+    cache: Any
+
+
+@flax.struct.dataclass
+class SpdResult:
+    """Output of `spd_search` (see `SpdState` for the fields)."""
+
+    tokens: Array
+    lengths: Array
+    exited: Array
+    confidence: Array
+    agree: Array
+    steps: Array
+    num_deep_passes: Array
+    pass_tokens: Array
+    cache: Any
+
+
+def query_buckets(capacity: int) -> tuple[int, ...]:
+    """Static deep-pass sizes for a buffer of `capacity`: powers of two, then capacity + 1."""
+    sizes, q = [], 1
+    while q < capacity + 1:
+        sizes.append(q)
+        q *= 2
+    sizes.append(capacity + 1)
+    return tuple(sizes)
+
+
+def max_loop_steps(max_new_tokens: int, capacity: int, mode: str) -> int:
+    """An upper bound on loop iterations. Default mode emits one token per row per step; in exact
+    mode each deep pass keeps at least one new token, and passes come at least every K + 1 steps."""
+    return max_new_tokens if mode == "default" else max_new_tokens * (capacity + 1)
+
+
+def _block_eos(logits: Array, positions: Array, eos_id: int, min_new_tokens: int) -> Array:
+    """Forbids EOS at absolute output positions below `min_new_tokens`. logits [..., V],
+    positions broadcastable to logits[..., 0]."""
+    if min_new_tokens <= 0:
+        return logits
+    blocked = positions < min_new_tokens
+    return logits.at[..., eos_id].set(jnp.where(blocked, -jnp.inf, logits[..., eos_id]))
+
+
+def _take(x: Array, index: Array) -> Array:
+    """x[b, index[b, j]] for x [B, T] and index [B, J] (clipped into range)."""
+    return jnp.take_along_axis(x, jnp.clip(index, 0, x.shape[1] - 1), axis=1)
+
+
+def _put(x: Array, index: Array, values: Array, where: Array) -> Array:
+    """x[b, index[b, j]] = values[b, j] where `where[b, j]`; other entries untouched."""
+    B, J = index.shape
+    target = jnp.where(where, index, x.shape[1])  # out of range: dropped
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, J))
+    return x.at[rows, target].set(values.astype(x.dtype), mode="drop")
+
+
+def spd_search(
+    shallow_fn: ShallowFn,
+    deep_fn: DeepFn,
+    truncate_fn: TruncateFn,
+    cache: Any,
+    threshold: Array,
+    *,
+    batch_size: int,
+    hidden_size: int,
+    hidden_dtype: Any,
+    max_new_tokens: int,
+    buffer_capacity: int,
+    start_id: int,
+    eos_id: int,
+    pad_id: int,
+    mode: str = "default",
+    min_new_tokens: int = 0,
+    buckets: Sequence[int] | None = None,
+) -> SpdResult:
+    """FREE's synchronized parallel greedy decoding in one `lax.while_loop`.
+
+    Args:
+      shallow_fn, deep_fn, truncate_fn: the model, see the module docstring.
+      cache: their initial state.
+      threshold: float32[] (traced: a new value does not recompile); a token exits when its
+        confidence is strictly greater.
+      batch_size, hidden_size, hidden_dtype: B, D and the dtype of the shallow states.
+      max_new_tokens: T. buffer_capacity: K >= 1.
+      start_id, eos_id, pad_id: decoder start, end and padding ids.
+      mode: "default" or "exact" (see the module docstring).
+      min_new_tokens: EOS is suppressed at positions below this.
+      buckets: deep-pass query sizes (default `query_buckets(K)`); the last must be >= K + 1.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; valid: {MODES}.")
+    B, T, K, D = batch_size, max_new_tokens, buffer_capacity, hidden_size
+    buckets = tuple(buckets or query_buckets(K))
+    if buckets[-1] < K + 1:
+        raise ValueError(f"the largest deep-pass size {buckets[-1]} is below K + 1 = {K + 1}.")
+    exact = mode == "exact"
+    max_steps = max_loop_steps(T, K, mode)
+    threshold = jnp.asarray(threshold, jnp.float32)
+    slots = jnp.arange(K + 1, dtype=jnp.int32)  # [K+1] pending slots, then the current token
+    buckets_array = jnp.asarray(buckets, jnp.int32)
+
+    state = SpdState(
+        step=jnp.zeros((), jnp.int32),
+        position=jnp.zeros((B,), jnp.int32),
+        last_token=jnp.full((B,), start_id, jnp.int32),
+        pending_hidden=jnp.zeros((B, K, D), hidden_dtype),
+        pending_count=jnp.zeros((B,), jnp.int32),
+        tokens=jnp.full((B, T), pad_id, jnp.int32),
+        exited=jnp.zeros((B, T), bool),
+        confidence=jnp.zeros((B, T), jnp.float32),
+        agree=jnp.full((B, T), -1, jnp.int8),
+        done=jnp.zeros((B,), bool),
+        num_deep_passes=jnp.zeros((), jnp.int32),
+        pass_tokens=jnp.zeros((max_steps,), jnp.int32),
+        cache=cache,
+    )
+
+    def cond(s: SpdState) -> Array:
+        return (s.step < max_steps) & ~jnp.all(s.done)
+
+    def body(s: SpdState) -> SpdState:
+        active = ~s.done
+        logits, hidden, conf, cache = shallow_fn(s.cache, s.last_token, active)
+        logits = _block_eos(logits, s.position, eos_id, min_new_tokens)
+        shallow_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+        exits = (conf > threshold) & (s.pending_count < K) & active
+        if exact:  # never leave an unverified EOS or last token behind
+            exits &= (shallow_token != eos_id) & (s.position < T - 1)
+        needs_deep = active & ~exits
+        # The decision is recorded at the current position whatever follows.
+        here = s.position[:, None]  # [B, 1]
+        confidence = _put(s.confidence, here, conf[:, None], active[:, None])
+        s = s.replace(cache=cache, confidence=confidence)
+        return jax.lax.cond(
+            jnp.any(needs_deep),
+            lambda: _deep_step(s, hidden, shallow_token, exits, needs_deep),
+            lambda: _shallow_step(s, hidden, shallow_token, exits),
+        )
+
+    def _emit(s: SpdState, token: Array, where: Array, exited: Array) -> SpdState:
+        """Emits `token` at each row's position where `where`; advances those rows."""
+        here = s.position[:, None]
+        done = s.done | (where & ((token == eos_id) | (s.position + 1 >= T)))
+        return s.replace(
+            tokens=_put(s.tokens, here, token[:, None], where[:, None]),
+            exited=_put(s.exited, here, exited[:, None], where[:, None]),
+            position=s.position + where.astype(jnp.int32),
+            last_token=jnp.where(where, token, s.last_token),
+            done=done,
+        )
+
+    def _push(s: SpdState, hidden: Array, where: Array) -> SpdState:
+        """Queues the current shallow state of rows `where` in their pending buffers."""
+        slot = (slots[:K] == s.pending_count[:, None]) & where[:, None]  # [B, K]
+        pending = jnp.where(
+            slot[..., None], hidden[:, None, :].astype(hidden_dtype), s.pending_hidden
+        )
+        return s.replace(
+            pending_hidden=pending, pending_count=s.pending_count + where.astype(jnp.int32)
+        )
+
+    def _shallow_step(s, hidden, shallow_token, exits):
+        s = _push(s, hidden, exits)
+        s = _emit(s, shallow_token, exits, exited=jnp.ones_like(exits))
+        return s.replace(step=s.step + 1)
+
+    def _deep_step(s, hidden, shallow_token, exits, needs_deep):
+        active = ~s.done
+        takes_part = active if exact else needs_deep  # [B]
+        count = s.pending_count
+        num_new = jnp.where(takes_part, count + 1, 0)  # [B]
+        # Queries: the pending states, then the current one at slot `count`.
+        queue = jnp.concatenate([s.pending_hidden, jnp.zeros((B, 1, D), hidden_dtype)], axis=1)
+        is_current = (slots[None, :] == count[:, None])[..., None]
+        queries = jnp.where(is_current, hidden[:, None, :].astype(hidden_dtype), queue)
+        first = s.position - count  # [B] position of the first pending token
+        positions = first[:, None] + slots[None, :]  # [B, K+1]
+
+        def run(q: int):
+            def branch(cache):
+                deep_logits, cache = deep_fn(cache, queries[:, :q], num_new)
+                deep_logits = _block_eos(deep_logits, positions[:, :q], eos_id, min_new_tokens)
+                deep_tokens = jnp.argmax(deep_logits, axis=-1).astype(jnp.int32)
+                return jnp.pad(deep_tokens, ((0, 0), (0, K + 1 - q)), constant_values=pad_id), cache
+
+            return branch
+
+        bucket = jnp.searchsorted(buckets_array, jnp.max(num_new), side="left")
+        deep_tokens, cache = jax.lax.switch(bucket, [run(q) for q in buckets], s.cache)
+
+        # Shallow tokens of the slots: emitted pending tokens, then the current shallow argmax.
+        drafts = jnp.where(
+            slots[None, :] == count[:, None], shallow_token[:, None], _take(s.tokens, positions)
+        )
+        seen = slots[None, :] < num_new[:, None]  # [B, K+1]
+        agree = _put(s.agree, positions, (drafts == deep_tokens).astype(jnp.int8), seen)
+        s = s.replace(
+            cache=cache,
+            agree=agree,
+            num_deep_passes=s.num_deep_passes + 1,
+            pass_tokens=s.pass_tokens.at[s.num_deep_passes].set(jnp.sum(num_new)),
+        )
+        current_deep = jnp.take_along_axis(deep_tokens, count[:, None], axis=1)[:, 0]
+        if not exact:
+            # Rows in the pass flush their buffer and emit the deep token; the others exit.
+            s = s.replace(pending_count=jnp.where(takes_part, 0, s.pending_count))
+            s = _push(s, hidden, exits)
+            token = jnp.where(takes_part, current_deep, shallow_token)
+            s = _emit(s, token, active, exited=~takes_part)
+            return s.replace(step=s.step + 1)
+
+        # Exact: keep drafts up to the first disagreement, which the deep token replaces.
+        wrong = (drafts != deep_tokens) & (slots[None, :] < count[:, None]) & takes_part[:, None]
+        rejected = jnp.any(wrong, axis=1)  # [B]
+        keep = jnp.where(rejected, jnp.argmax(wrong, axis=1), count)  # slot of the deep token
+        fix_at = first + keep  # [B] position that receives the deep token
+        token = jnp.take_along_axis(deep_tokens, keep[:, None], axis=1)[:, 0]
+        # Clear everything after it (discarded drafts), write it, and roll the row back.
+        later = jnp.arange(T)[None, :] > fix_at[:, None]
+        clear = later & takes_part[:, None]
+        s = s.replace(
+            tokens=jnp.where(clear, pad_id, s.tokens),
+            exited=s.exited & ~clear,
+            agree=jnp.where(clear, jnp.int8(-1), s.agree),
+            confidence=jnp.where(clear, 0.0, s.confidence),
+            pending_count=jnp.where(takes_part, 0, s.pending_count),
+            position=jnp.where(takes_part, fix_at, s.position),
+        )
+        s = _emit(s, token, takes_part, exited=jnp.zeros_like(takes_part))
+        return s.replace(cache=truncate_fn(s.cache, s.position), step=s.step + 1)
+
+    final = jax.lax.while_loop(cond, body, state)
+    return SpdResult(
+        tokens=final.tokens,
+        lengths=final.position,
+        exited=final.exited,
+        confidence=final.confidence,
+        agree=final.agree,
+        steps=final.step,
+        num_deep_passes=final.num_deep_passes,
+        pass_tokens=final.pass_tokens,
+        cache=final.cache,
+    )

@@ -1,0 +1,249 @@
+"""FREE decoding on tiny random T5s: the method's invariants, no-recompile thresholds, bad input."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import free_jax
+from free_jax import decoding, modeling, testing
+from free_jax.errors import InputError
+
+T = 12  # new tokens per row
+LS = 2  # shallow blocks of the 4-block tiny decoder
+
+
+@pytest.fixture(scope="module")
+def model():
+    # v1.0: its tied, rescaled head is the exit that differs most from the plain layout. The
+    # exact-mode property test below uses v1.1; both layouts are checked in test_decode.py.
+    return testing.tiny_model("v1.0", seed=5)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ids = testing.random_ids((4, 11), seed=9)
+    mask = (np.arange(11)[None, :] < np.array([11, 8, 5, 3])[:, None]).astype(np.int32)
+    return np.where(mask == 1, ids, 0), mask
+
+
+def _confidences(model, batch):
+    """The shallow confidences the model produces on this batch (to pick thresholds from)."""
+    ids, mask = batch
+    out = free_jax.decode(
+        model,
+        ids,
+        attention_mask=mask,
+        method="free",
+        exit_layer=LS,
+        threshold=1.0,
+        max_new_tokens=T,
+    )
+    return out.confidence[~np.isnan(out.confidence)]
+
+
+def _free(model, batch, threshold, **kw):
+    ids, mask = batch
+    kw = dict(method="free", exit_layer=LS, threshold=threshold, max_new_tokens=T) | kw
+    return free_jax.decode(model, ids, attention_mask=mask, **kw)
+
+
+def test_never_exiting_equals_full_and_always_exiting_equals_static(model, batch):
+    ids, mask = batch
+    full = free_jax.decode(model, ids, attention_mask=mask, max_new_tokens=T)
+    never = _free(model, batch, 1.0)
+    np.testing.assert_array_equal(never.tokens, full.tokens)
+    assert never.exit_rate == 0.0 and never.num_deep_passes == full.steps
+    static = free_jax.decode(
+        model, ids, attention_mask=mask, method="static", exit_layer=LS, max_new_tokens=T
+    )
+    always = _free(model, batch, 0.0, buffer_capacity=T)
+    np.testing.assert_array_equal(always.tokens, static.tokens)
+    assert always.exit_rate == 1.0 and always.num_deep_passes == 0
+
+
+def test_every_token_matches_its_exit_under_teacher_forcing(model, batch):
+    """Deep tokens are the full model's argmax, shallow ones the shallow exit's, confidently."""
+    ids, mask = batch
+    for threshold in np.quantile(_confidences(model, batch), [0.3, 0.6]):
+        out = _free(model, batch, float(threshold), buffer_capacity=3)
+        assert 0 < out.exit_rate < 1, "pick thresholds that mix both exits"
+        dec = np.concatenate([np.zeros((4, 1), np.int32), out.tokens[:, :-1]], axis=1)
+        deep = np.asarray(free_jax.forward(model, ids, dec, attention_mask=mask))
+        shallow = np.asarray(free_jax.forward(model, ids, dec, attention_mask=mask, exit_layer=LS))
+        probs = np.asarray(jnp.asarray(shallow)).astype(np.float64)
+        probs = np.exp(probs - probs.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        top2 = -np.sort(-probs, axis=-1)[..., :2]
+        diff = top2[..., 0] - top2[..., 1]
+        for b, n in enumerate(out.lengths):
+            ex = out.exited[b, :n]
+            np.testing.assert_array_equal(out.tokens[b, :n][~ex], deep[b, :n].argmax(-1)[~ex])
+            np.testing.assert_array_equal(out.tokens[b, :n][ex], shallow[b, :n].argmax(-1)[ex])
+            np.testing.assert_allclose(out.confidence[b, :n], diff[b, :n], atol=1e-5)
+            assert (out.confidence[b, :n][ex] > threshold).all()
+            np.testing.assert_array_equal(out.exit_layer[b, :n], np.where(ex, LS, 4))
+
+
+def test_deep_cache_equals_the_full_models_for_the_emitted_prefix(model, batch):
+    ids, mask = batch
+    threshold = float(np.quantile(_confidences(model, batch), 0.5))
+    ids16 = np.pad(ids, ((0, 0), (0, 5)))
+    mask16 = np.pad(mask, ((0, 0), (0, 5)))
+    result = decoding.free_decode(
+        model.params,
+        ids16,
+        mask16,
+        jnp.float32(threshold),
+        config=model.config,
+        exit_layer=LS,
+        max_new_tokens=T,
+        buffer_capacity=4,
+    )
+    tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+    # Reference: the full model over [start, emitted tokens...] in one teacher-forced block.
+    config, params = model.config, model.params
+    enc = modeling.encode(params, config, jnp.asarray(ids16), jnp.asarray(mask16))
+    cache = modeling.init_decoder_cache(params, config, enc, jnp.asarray(mask16), T)
+    dec = np.concatenate([np.zeros((4, 1), np.int32), tokens[:, :-1]], axis=1)
+    ref = modeling.decoder_blocks(
+        params,
+        config,
+        cache,
+        modeling.embed(params, jnp.asarray(dec)),
+        start=0,
+        stop=config.num_decoder_layers,
+    ).cache
+    for i, (ours, theirs) in enumerate(zip(result.cache.layers, ref.layers, strict=True)):
+        filled = np.asarray(ours.length)
+        assert (filled <= lengths).all()
+        if i < LS:  # the shallow blocks saw every token
+            np.testing.assert_array_equal(filled, lengths)
+        for b in range(4):
+            n = filled[b]
+            for name in ("k", "v"):
+                np.testing.assert_allclose(
+                    np.asarray(getattr(ours, name))[b, :n],
+                    np.asarray(getattr(theirs, name))[b, :n],
+                    atol=1e-5,
+                    rtol=0,
+                )
+
+
+@settings(max_examples=10, deadline=None)
+@given(quantile=st.floats(0.0, 1.0), K=st.sampled_from([1, 4]))
+def test_exact_mode_equals_full_greedy_for_any_threshold(quantile, K):
+    model = testing.tiny_model("v1.1", seed=5)
+    ids = testing.random_ids((4, 11), seed=9)
+    full = free_jax.decode(model, ids, max_new_tokens=T)
+    threshold = float(np.quantile(_confidences(model, (ids, ids != 0)), quantile))
+    out = free_jax.decode(
+        model,
+        ids,
+        method="free",
+        exit_layer=LS,
+        threshold=threshold,
+        max_new_tokens=T,
+        mode="exact",
+        buffer_capacity=K,
+    )
+    np.testing.assert_array_equal(out.tokens, full.tokens)
+    np.testing.assert_array_equal(out.lengths, full.lengths)
+
+
+@pytest.mark.parametrize("mode", ["default", "exact"])
+def test_batch_equals_rows_decoded_alone(model, batch, mode):
+    ids, mask = batch
+    threshold = float(np.quantile(_confidences(model, batch), 0.5))
+    together = _free(model, batch, threshold, buffer_capacity=3, mode=mode)
+    for b in range(4):
+        n = int(mask[b].sum())
+        alone = free_jax.decode(
+            model,
+            ids[b : b + 1, :n],
+            method="free",
+            exit_layer=LS,
+            threshold=threshold,
+            max_new_tokens=T,
+            buffer_capacity=3,
+            mode=mode,
+        )
+        np.testing.assert_array_equal(alone.tokens[0], together.tokens[b])
+        if mode == "default":  # exact mode verifies every row at each pass: exits may differ
+            np.testing.assert_array_equal(alone.exited[0], together.exited[b])
+
+
+def test_min_new_tokens_holds_for_both_exits(model, batch):
+    threshold = float(np.quantile(_confidences(model, batch), 0.5))
+    out = _free(model, batch, threshold, min_new_tokens=T)
+    np.testing.assert_array_equal(out.lengths, T)
+    assert (out.tokens != model.config.eos_token_id).all()
+
+
+@pytest.mark.parametrize("confidence", ["softmax_max", "state_cosine"])
+def test_other_confidence_measures(model, batch, confidence):
+    ids, mask = batch
+    full = free_jax.decode(model, ids, attention_mask=mask, max_new_tokens=T)
+    out = _free(model, batch, 1.0, confidence=confidence)
+    np.testing.assert_array_equal(out.tokens, full.tokens)  # 1.0 never exits
+    conf = out.confidence[~np.isnan(out.confidence)]
+    low = -1 if confidence == "state_cosine" else 0
+    assert ((conf >= low - 1e-6) & (conf <= 1 + 1e-6)).all() and conf.std() > 0
+
+
+def test_changing_the_threshold_does_not_recompile(model, batch):
+    _free(model, batch, 0.5)
+    before = decoding.free_decode._cache_size()
+    for threshold in (0.1, 0.2, 0.7, np.float32(0.3), jnp.float32(0.9)):
+        _free(model, batch, threshold)
+    assert decoding.free_decode._cache_size() == before
+
+
+def test_agreement_data_covers_what_deep_passes_saw(model, batch):
+    threshold = float(np.quantile(_confidences(model, batch), 0.5))
+    out = _free(model, batch, threshold, buffer_capacity=4)
+    for b, n in enumerate(out.lengths):
+        seen = out.agree[b, :n] >= 0
+        assert seen[~out.exited[b, :n]].all()  # every deep-path token was seen
+        assert (out.agree[b, n:] == -1).all()
+    assert out.deep_pass_tokens.shape == (out.num_deep_passes,)
+    assert out.deep_pass_tokens.sum() == (out.agree >= 0).sum()
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def small():
+    return testing.tiny_model("v1.1", seed=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(exit_layer=0), r"exit_layer must be an integer in \[1, 3\], got 0"),
+        (dict(exit_layer=4), r"exit_layer must be an integer in \[1, 3\], got 4"),
+        (dict(threshold=float("nan")), r"threshold=nan is invalid"),
+        (dict(threshold=1.5), r"threshold=1.5 is invalid .* in \[0, 1\]"),
+        (dict(threshold=-0.1), r"threshold=-0.1\d* is invalid"),
+        (dict(threshold="high"), r"threshold must be a number, got 'high'"),
+        (dict(threshold=[0.1, 0.2]), r"threshold must be a scalar"),
+        (dict(buffer_capacity=0), r"buffer_capacity must be an integer >= 1, got 0"),
+        (dict(confidence="entropy"), r"confidence='entropy' is not known; valid: \("),
+        (dict(confidence="meta"), r"needs a checkpoint with a trained exit classifier"),
+        (dict(mode="rollback"), r"mode='rollback' is not known; valid modes: \('default', "),
+    ],
+)
+def test_bad_free_arguments_raise_clear_errors(small, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        free_jax.decode(small, np.array([[5, 6, 7]]), method="free", max_new_tokens=3, **kwargs)
+
+
+def test_static_exit_layer_range(small):
+    with pytest.raises(InputError, match=r"exit_layer must be an integer in \[1, 4\], got 5"):
+        free_jax.decode(small, np.array([[5, 6]]), method="static", exit_layer=5)
+    with pytest.raises(InputError, match=r"method='beam' is not known; valid methods: \('full'"):
+        free_jax.decode(small, np.array([[5, 6]]), method="beam")

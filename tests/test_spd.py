@@ -1,0 +1,242 @@
+"""The synchronized-parallel-decoding loop alone, driven by a scripted position-only "model".
+
+The scripted model predicts from positions, not from input tokens: at position t of row b the
+shallow exit says S[b, t] with confidence C[b, t] and the deep model says D[b, t]. Full greedy
+decoding is then simply D, and the outputs of FREE's rules can be computed by hand per row; the
+scripted cache also checks that every deep pass receives the right pending states, in order, at
+the right positions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from free_jax import spd
+
+V, EOS, PAD, START = 8, 1, 0, 0
+
+
+def scripted(S, C, D):
+    """(shallow_fn, deep_fn, truncate_fn, cache) for scripted tables [B, T]."""
+    S, C, D = (jnp.asarray(x) for x in (S, C, D))
+    B, T = S.shape
+    cache = dict(
+        shallow_len=jnp.zeros((B,), jnp.int32),
+        deep_len=jnp.zeros((B,), jnp.int32),
+        deep_seen=jnp.zeros((B, T), jnp.int32),  # deep passes that saw each position
+        in_order=jnp.ones((), bool),  # every query sat at deep_len + j, in order
+        largest_pass=jnp.zeros((), jnp.int32),
+    )
+    rows = jnp.arange(B)
+
+    def shallow_fn(cache, tokens, active):
+        pos = jnp.minimum(cache["shallow_len"], T - 1)
+        logits = jax.nn.one_hot(S[rows, pos], V) * 10.0
+        hidden = jnp.stack([pos.astype(jnp.float32), S[rows, pos].astype(jnp.float32)], -1)
+        cache = {**cache, "shallow_len": cache["shallow_len"] + active.astype(jnp.int32)}
+        return logits, hidden, C[rows, pos], cache
+
+    def deep_fn(cache, queries, num_new):
+        Q = queries.shape[1]
+        qpos = queries[..., 0].astype(jnp.int32)  # [B, Q]
+        valid = jnp.arange(Q)[None, :] < num_new[:, None]
+        expected = cache["deep_len"][:, None] + jnp.arange(Q)[None, :]
+        in_order = cache["in_order"] & jnp.all(jnp.where(valid, qpos == expected, True))
+        seen = cache["deep_seen"].at[rows[:, None], jnp.where(valid, qpos, T)].add(1, mode="drop")
+        logits = jax.nn.one_hot(D[rows[:, None], jnp.clip(qpos, 0, T - 1)], V) * 10.0
+        cache = {
+            **cache,
+            "deep_len": cache["deep_len"] + num_new,
+            "deep_seen": seen,
+            "in_order": in_order,
+            "largest_pass": jnp.maximum(cache["largest_pass"], Q),
+        }
+        return logits, cache
+
+    def truncate_fn(cache, lengths):
+        return {
+            **cache,
+            "shallow_len": jnp.minimum(cache["shallow_len"], lengths),
+            "deep_len": jnp.minimum(cache["deep_len"], lengths),
+        }
+
+    return shallow_fn, deep_fn, truncate_fn, cache
+
+
+@functools.partial(jax.jit, static_argnames=("K", "mode"))
+def run(S, C, D, threshold, *, K, mode):
+    shallow_fn, deep_fn, truncate_fn, cache = scripted(S, C, D)
+    B, T = S.shape
+    return spd.spd_search(
+        shallow_fn,
+        deep_fn,
+        truncate_fn,
+        cache,
+        threshold,
+        batch_size=B,
+        hidden_size=2,
+        hidden_dtype=jnp.float32,
+        max_new_tokens=T,
+        buffer_capacity=K,
+        start_id=START,
+        eos_id=EOS,
+        pad_id=PAD,
+        mode=mode,
+    )
+
+
+def reference_default(S, C, D, threshold, K):
+    """FREE's default rules for one row, by hand: (tokens, exited, deep passes)."""
+    out, exited, pending = [], [], 0
+    for t in range(len(S)):
+        if C[t] > threshold and pending < K:
+            out.append(S[t])
+            exited.append(True)
+            pending += 1
+        else:
+            out.append(D[t])
+            exited.append(False)
+            pending = 0
+        if out[-1] == EOS:
+            break
+    return out, exited
+
+
+def reference_full(D):
+    out = []
+    for token in D:
+        out.append(token)
+        if token == EOS:
+            break
+    return out
+
+
+def tables(seed, B=3, T=12, agree=0.7, eos=0.05):
+    rng = np.random.default_rng(seed)
+    D = rng.integers(2, V, (B, T))
+    D = np.where(rng.random((B, T)) < eos, EOS, D)
+    S = np.where(rng.random((B, T)) < agree, D, rng.integers(1, V, (B, T)))
+    C = rng.random((B, T)).astype(np.float32)
+    return S.astype(np.int32), C, D.astype(np.int32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    threshold=st.floats(0.0, 1.0),
+    K=st.sampled_from([1, 2, 3, 8]),
+)
+def test_default_mode_follows_the_rules_row_by_row(seed, threshold, K):
+    S, C, D = tables(seed)
+    result = run(S, C, D, np.float32(threshold), K=K, mode="default")
+    B, T = S.shape
+    for b in range(B):
+        tokens, exited = reference_default(S[b], C[b], D[b], np.float32(threshold), K)
+        n = len(tokens)
+        assert int(result.lengths[b]) == n
+        np.testing.assert_array_equal(np.asarray(result.tokens[b, :n]), tokens)
+        np.testing.assert_array_equal(np.asarray(result.tokens[b, n:]), PAD)
+        np.testing.assert_array_equal(np.asarray(result.exited[b, :n]), exited)
+        np.testing.assert_allclose(np.asarray(result.confidence[b, :n]), C[b, :n])
+    cache = result.cache
+    assert bool(cache["in_order"])
+    # Each deep pass writes the deep cache up to the current token; tokens left pending at the
+    # end were never needed by the deep model, and no position is processed twice.
+    seen = np.asarray(cache["deep_seen"])
+    assert seen.max() <= 1
+    for b in range(B):
+        n = int(result.lengths[b])
+        exited = np.asarray(result.exited[b, :n])
+        last_deep = np.flatnonzero(~exited).max() if (~exited).any() else -1
+        np.testing.assert_array_equal(seen[b, : last_deep + 1], 1)
+        np.testing.assert_array_equal(seen[b, last_deep + 1 :], 0)
+        agree = np.asarray(result.agree[b])
+        np.testing.assert_array_equal(
+            agree[: last_deep + 1], (S[b, : last_deep + 1] == D[b, : last_deep + 1]).astype(int)
+        )
+        assert (agree[last_deep + 1 :] == -1).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    threshold=st.floats(0.0, 1.0),
+    K=st.sampled_from([1, 2, 5, 8]),
+    agree=st.sampled_from([0.3, 0.9]),
+)
+def test_exact_mode_reproduces_full_greedy(seed, threshold, K, agree):
+    S, C, D = tables(seed, agree=agree)
+    result = run(S, C, D, np.float32(threshold), K=K, mode="exact")
+    for b in range(S.shape[0]):
+        expected = reference_full(D[b])
+        n = len(expected)
+        assert int(result.lengths[b]) == n
+        np.testing.assert_array_equal(np.asarray(result.tokens[b, :n]), expected)
+        np.testing.assert_array_equal(np.asarray(result.tokens[b, n:]), PAD)
+        # A kept early exit is a verified draft: the shallow token equalled the deep one.
+        kept = np.asarray(result.exited[b, :n])
+        assert (S[b, :n][kept] == D[b, :n][kept]).all()
+    assert bool(result.cache["in_order"])
+
+
+def test_never_exiting_is_one_deep_pass_per_step_and_always_exiting_needs_none():
+    S, C, D = tables(0, eos=0.0)
+    S = np.where(S == EOS, 2, S)
+    never = run(S, C, D, np.float32(1.0), K=4, mode="default")
+    np.testing.assert_array_equal(np.asarray(never.tokens), D)
+    assert int(never.num_deep_passes) == S.shape[1] and not np.asarray(never.exited).any()
+    always = run(S, C * 0 + 1.0, D, np.float32(0.5), K=S.shape[1], mode="default")
+    np.testing.assert_array_equal(np.asarray(always.tokens), S)
+    assert int(always.num_deep_passes) == 0 and np.asarray(always.exited).all()
+
+
+def test_full_buffer_forces_a_deep_pass_sized_by_the_queue():
+    """K = 3 and every token confident: passes come every 4th token and process 4 positions."""
+    S, C, D = tables(1, B=1, T=12, eos=0.0)
+    result = run(S, np.ones_like(C), D, np.float32(0.5), K=3, mode="default")
+    exited = np.asarray(result.exited[0])
+    np.testing.assert_array_equal(exited, [True, True, True, False] * 3)
+    assert int(result.num_deep_passes) == 3
+    np.testing.assert_array_equal(np.asarray(result.pass_tokens[:3]), 4)
+    assert int(result.cache["largest_pass"]) == 4
+
+
+def test_deep_pass_cost_follows_the_longest_queue_not_the_capacity():
+    """With K = 8 but queues of one, every pass uses the smallest query block."""
+    S, C, D = tables(2, B=2, T=10, eos=0.0)
+    C = np.tile(np.array([0.9, 0.1], np.float32), (2, 5))  # exit, deep, exit, deep, ...
+    result = run(S, C, D, np.float32(0.5), K=8, mode="default")
+    assert int(result.num_deep_passes) == 5
+    assert int(result.cache["largest_pass"]) == 2  # bucket of size 2, not K + 1 = 9
+    assert spd.query_buckets(8) == (1, 2, 4, 8, 9)
+
+
+def test_rows_do_not_wait_for_each_other_in_default_mode():
+    """A row that never exits forces a pass every step; the other row keeps exiting."""
+    S, C, D = tables(3, B=2, T=8, eos=0.0)
+    C = np.stack([np.zeros(8, np.float32), np.ones(8, np.float32)])
+    result = run(S, C, D, np.float32(0.5), K=8, mode="default")
+    np.testing.assert_array_equal(np.asarray(result.exited[0]), False)
+    np.testing.assert_array_equal(np.asarray(result.exited[1]), True)
+    np.testing.assert_array_equal(np.asarray(result.tokens[1]), S[1])
+    assert int(result.num_deep_passes) == 8
+    np.testing.assert_array_equal(np.asarray(result.pass_tokens[:8]), 1)  # row 1 never joins
+
+
+def test_exact_mode_rolls_back_to_the_first_wrong_draft():
+    S, C, D = tables(4, B=1, T=8, eos=0.0)
+    S = D.copy()
+    S[0, 2] = (D[0, 2] + 1) % V or 2  # the third draft is wrong
+    C = np.ones_like(C)
+    result = run(S, C, D, np.float32(0.5), K=4, mode="exact")
+    np.testing.assert_array_equal(np.asarray(result.tokens[0]), D[0])
+    # Drafts 0, 1 are kept, draft 2 is replaced by the deep token, draft 3 is discarded and redone.
+    assert bool(result.exited[0, 0]) and bool(result.exited[0, 1])
+    assert not bool(result.exited[0, 2])
+    assert int(result.steps) > 8
