@@ -184,6 +184,7 @@ def confidence_score(name: str, logits: jax.Array, states: tuple[jax.Array, ...]
         "buffer_capacity",
         "mode",
         "confidence",
+        "record_agreement",
     ),
 )
 def free_decode(
@@ -199,6 +200,7 @@ def free_decode(
     buffer_capacity: int = 8,
     mode: str = "default",
     confidence: str = "softmax_diff",
+    record_agreement: bool = False,
 ) -> spd.SpdResult:
     """FREE decoding, jitted; `threshold` is traced (a float32 scalar), so it never recompiles.
 
@@ -209,6 +211,8 @@ def free_decode(
       buffer_capacity: K, exited tokens a row may queue before a deep pass is forced.
       mode: "default" or "exact" (see `free_jax.spd`).
       confidence: "softmax_diff", "softmax_max" or "state_cosine".
+      record_agreement: record the shallow/deep agreement of pending tokens too (costs the deep
+        exit head on every position of a deep pass; exact mode has it anyway).
     """
     B = input_ids.shape[0]
     L, Ls = config.num_decoder_layers, exit_layer
@@ -242,11 +246,12 @@ def free_decode(
         out = modeling.decoder_blocks(
             params, config, cache, queries, start=Ls, stop=L, num_new=num_new
         )
-        return modeling.exit_head(params, config, out.hidden), out.cache
+        return out.hidden, out.cache
 
     return spd.spd_search(
         shallow_fn,
         deep_fn,
+        lambda hidden: modeling.exit_head(params, config, hidden),
         lambda cache, lengths: cache.truncate(lengths),
         cache,
         threshold,
@@ -260,6 +265,7 @@ def free_decode(
         pad_id=config.pad_token_id,
         mode=mode,
         min_new_tokens=min_new_tokens,
+        record_agreement=record_agreement,
     )
 
 
@@ -392,6 +398,7 @@ def decode(
     confidence: str = "softmax_diff",
     buffer_capacity: int = 8,
     mode: str = "default",
+    record_agreement: bool = False,
 ) -> DecodeOutput:
     """Greedy decoding with the chosen method.
 
@@ -415,6 +422,10 @@ def decode(
       buffer_capacity: "free": K >= 1, exited tokens a row may queue before a deep pass is
         forced.
       mode: "free": "default" (the paper) or "exact" (output identical to "full").
+      record_agreement: "free": also record whether the shallow and deep predictions of pending
+        tokens agree (`DecodeOutput.agree`, the threshold estimator's data); it costs the deep
+        exit head on every position of a deep pass. Without it, only the tokens that went deep
+        themselves are recorded.
 
     Returns:
       A `DecodeOutput`.
@@ -455,6 +466,7 @@ def decode(
             buffer_capacity=buffer_capacity,
             mode=mode,
             confidence=confidence,
+            record_agreement=bool(record_agreement),
             **lengths_kw,
         )
     elif method == "static":

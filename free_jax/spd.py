@@ -6,11 +6,13 @@ confidences and no weights:
 * `shallow_fn(cache, tokens int32[B], active bool[B]) -> (logits [B, V], hidden [B, D],
   confidence float32[B], cache)` runs the shallow blocks `[0, L_s)` over one position per row (at
   the row's own position; inactive rows write nothing) and scores its exit.
-* `deep_fn(cache, queries [B, Q, D], num_new int32[B]) -> (logits [B, Q, V], cache)` runs the deep
-  blocks `[L_s, L)` over the first `num_new[b]` of Q queued shallow states per row.
-
-and `truncate_fn(cache, lengths int32[B]) -> cache`, which rolls every layer back to at most
-`lengths` (exact mode only).
+* `deep_fn(cache, queries [B, Q, D], num_new int32[B]) -> (hidden [B, Q, D], cache)` runs the
+  deep blocks `[L_s, L)` over the first `num_new[b]` of Q queued shallow states per row.
+* `head_fn(hidden [B, ..., D]) -> logits [B, ..., V]`, the exit head after the deep blocks. It is
+  separate because it is costly (a [D, V] product per position): the default mode needs it only
+  at each row's current token, unless the pending tokens' agreement data are asked for.
+* `truncate_fn(cache, lengths int32[B]) -> cache`, which rolls every layer back to at most
+  `lengths` (exact mode only).
 
 Per step, every unfinished row runs the shallow blocks once. A row whose confidence is strictly
 above the threshold *exits*: it emits the shallow argmax and queues its shallow state in a pending
@@ -49,6 +51,7 @@ MODES = ("default", "exact")
 
 ShallowFn = Callable[[Any, Array, Array], tuple[Array, Array, Array, Any]]
 DeepFn = Callable[[Any, Array, Array], tuple[Array, Any]]
+HeadFn = Callable[[Array], Array]
 TruncateFn = Callable[[Any, Array], Any]
 
 
@@ -67,10 +70,12 @@ class SpdState:
       exited: bool[B, T] the token was emitted from the shallow exit.
       confidence: float32[B, T] the shallow confidence that decided each token.
       agree: int8[B, T] 1 / 0 when a deep pass saw the token and the shallow argmax agreed / did
-        not agree with the deep one; -1 when no deep pass saw it.
+        not agree with the deep one; -1 when no deep pass saw it (or, without
+        `record_agreement`, when it was a pending token).
       done: bool[B] the row emitted EOS or filled T tokens (monotonic).
       num_deep_passes: int32[] deep passes taken.
       pass_tokens: int32[P] positions each deep pass processed, summed over rows.
+      pass_width: int32[P] the longest row's positions in each pass (what sets its query block).
       cache: the callables' state (for T5, a `DecoderCache`).
     """
 
@@ -86,6 +91,7 @@ class SpdState:
     done: Array
     num_deep_passes: Array
     pass_tokens: Array
+    pass_width: Array
     cache: Any
 
 
@@ -101,6 +107,7 @@ class SpdResult:
     steps: Array
     num_deep_passes: Array
     pass_tokens: Array
+    pass_width: Array
     cache: Any
 
 
@@ -145,6 +152,7 @@ def _put(x: Array, index: Array, values: Array, where: Array) -> Array:
 def spd_search(
     shallow_fn: ShallowFn,
     deep_fn: DeepFn,
+    head_fn: HeadFn,
     truncate_fn: TruncateFn,
     cache: Any,
     threshold: Array,
@@ -160,11 +168,12 @@ def spd_search(
     mode: str = "default",
     min_new_tokens: int = 0,
     buckets: Sequence[int] | None = None,
+    record_agreement: bool = False,
 ) -> SpdResult:
     """FREE's synchronized parallel greedy decoding in one `lax.while_loop`.
 
     Args:
-      shallow_fn, deep_fn, truncate_fn: the model, see the module docstring.
+      shallow_fn, deep_fn, head_fn, truncate_fn: the model, see the module docstring.
       cache: their initial state.
       threshold: float32[] (traced: a new value does not recompile); a token exits when its
         confidence is strictly greater.
@@ -174,6 +183,8 @@ def spd_search(
       mode: "default" or "exact" (see the module docstring).
       min_new_tokens: EOS is suppressed at positions below this.
       buckets: deep-pass query sizes (default `query_buckets(K)`); the last must be >= K + 1.
+      record_agreement: in default mode, also run the deep exit head on pending tokens to record
+        their shallow/deep agreement (the threshold estimator's data). Exact mode always does.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; valid: {MODES}.")
@@ -200,6 +211,7 @@ def spd_search(
         done=jnp.zeros((B,), bool),
         num_deep_passes=jnp.zeros((), jnp.int32),
         pass_tokens=jnp.zeros((max_steps,), jnp.int32),
+        pass_width=jnp.zeros((max_steps,), jnp.int32),
         cache=cache,
     )
 
@@ -264,16 +276,27 @@ def spd_search(
         first = s.position - count  # [B] position of the first pending token
         positions = first[:, None] + slots[None, :]  # [B, K+1]
 
+        every_slot = exact or record_agreement
+
         def run(q: int):
             def branch(cache):
-                deep_logits, cache = deep_fn(cache, queries[:, :q], num_new)
-                deep_logits = _block_eos(deep_logits, positions[:, :q], eos_id, min_new_tokens)
-                deep_tokens = jnp.argmax(deep_logits, axis=-1).astype(jnp.int32)
-                return jnp.pad(deep_tokens, ((0, 0), (0, K + 1 - q)), constant_values=pad_id), cache
+                hidden, cache = deep_fn(cache, queries[:, :q], num_new)  # [B, q, D]
+                if every_slot:
+                    logits = _block_eos(head_fn(hidden), positions[:, :q], eos_id, min_new_tokens)
+                    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+                    return jnp.pad(tokens, ((0, 0), (0, K + 1 - q)), constant_values=pad_id), cache
+                # Only the current token's deep prediction is used: one head row per row.
+                at = jnp.minimum(count, q - 1)[:, None, None]
+                current = jnp.take_along_axis(hidden, at, axis=1)[:, 0]  # [B, D]
+                logits = _block_eos(head_fn(current), s.position, eos_id, min_new_tokens)
+                token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+                tokens = jnp.where(slots[None, :] == count[:, None], token[:, None], pad_id)
+                return tokens, cache
 
             return branch
 
-        bucket = jnp.searchsorted(buckets_array, jnp.max(num_new), side="left")
+        width = jnp.max(num_new)
+        bucket = jnp.searchsorted(buckets_array, width, side="left")
         deep_tokens, cache = jax.lax.switch(bucket, [run(q) for q in buckets], s.cache)
 
         # Shallow tokens of the slots: emitted pending tokens, then the current shallow argmax.
@@ -281,12 +304,15 @@ def spd_search(
             slots[None, :] == count[:, None], shallow_token[:, None], _take(s.tokens, positions)
         )
         seen = slots[None, :] < num_new[:, None]  # [B, K+1]
+        if not every_slot:
+            seen &= slots[None, :] == count[:, None]
         agree = _put(s.agree, positions, (drafts == deep_tokens).astype(jnp.int8), seen)
         s = s.replace(
             cache=cache,
             agree=agree,
             num_deep_passes=s.num_deep_passes + 1,
             pass_tokens=s.pass_tokens.at[s.num_deep_passes].set(jnp.sum(num_new)),
+            pass_width=s.pass_width.at[s.num_deep_passes].set(width),
         )
         current_deep = jnp.take_along_axis(deep_tokens, count[:, None], axis=1)[:, 0]
         if not exact:
@@ -327,5 +353,6 @@ def spd_search(
         steps=final.step,
         num_deep_passes=final.num_deep_passes,
         pass_tokens=final.pass_tokens,
+        pass_width=final.pass_width,
         cache=final.cache,
     )

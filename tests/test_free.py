@@ -203,14 +203,23 @@ def test_changing_the_threshold_does_not_recompile(model, batch):
 
 
 def test_agreement_data_covers_what_deep_passes_saw(model, batch):
+    ids, mask = batch
     threshold = float(np.quantile(_confidences(model, batch), 0.5))
-    out = _free(model, batch, threshold, buffer_capacity=4)
-    for b, n in enumerate(out.lengths):
-        seen = out.agree[b, :n] >= 0
-        assert seen[~out.exited[b, :n]].all()  # every deep-path token was seen
-        assert (out.agree[b, n:] == -1).all()
+    lean = _free(model, batch, threshold, buffer_capacity=4)
+    out = _free(model, batch, threshold, buffer_capacity=4, record_agreement=True)
+    np.testing.assert_array_equal(lean.tokens, out.tokens)  # bookkeeping only
+    assert ((lean.agree >= 0) == (~lean.exited & (lean.exit_layer > 0))).all()
     assert out.deep_pass_tokens.shape == (out.num_deep_passes,)
     assert out.deep_pass_tokens.sum() == (out.agree >= 0).sum()
+    # Agreement is the shallow argmax against the deep one, under teacher forcing.
+    dec = np.concatenate([np.zeros((4, 1), np.int32), out.tokens[:, :-1]], axis=1)
+    deep = np.asarray(free_jax.forward(model, ids, dec, attention_mask=mask)).argmax(-1)
+    shallow = np.asarray(
+        free_jax.forward(model, ids, dec, attention_mask=mask, exit_layer=LS)
+    ).argmax(-1)
+    seen = out.agree >= 0
+    assert seen.sum() > (~out.exited & (out.exit_layer > 0)).sum()  # pending tokens included
+    np.testing.assert_array_equal(out.agree[seen], (deep == shallow)[seen])
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -1,0 +1,236 @@
+"""FREE decoding against full-model decoding, side by side on the same inputs, in one run.
+
+A random t5-base-shaped model (12+12 layers, d_model 768, 12 heads, d_ff 3072, vocab 32128) with
+the shallow model at `--exit-layer` blocks (default 3 of 12, the paper's LongT5-base setting).
+Random weights give no meaningful confidences, so thresholds are picked from the confidences the
+model actually produces, at the quantiles that give the target exit rates; the measured rate is
+reported next to each.
+
+For every row: median ms/token over `--repeats` runs after compilation (each ended with
+`block_until_ready`), speed-up over full decoding, and the *ideal* speed-up implied by the
+measured exit rate and deep passes: with c_s the measured per-token cost of the shallow model
+(static exiting at L_s) and c_d = c_full - c_s the cost of a deep pass over one position,
+ideal = T * c_full / (T * c_s + passes * c_d), i.e. what FREE would give if a deep pass over k
+pending tokens cost the same as over one and the loop cost nothing extra. On a CPU a pass over k
+positions is *not* free (the deep blocks' products become compute-bound after a few positions),
+so the table also gives "ideal@pass": the same formula with each pass costed at the measured time
+of a lone deep pass of its query-block size (the `pass ms` line), which isolates the loop's own
+overhead.
+
+    python benchmarks/bench_free.py [--batch-sizes 1 8] [--new-tokens 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import free_jax
+from free_jax import decoding, modeling, spd, testing
+from free_jax.config import T5Config
+
+T5_BASE = T5Config(
+    vocab_size=32128,
+    d_model=768,
+    d_kv=64,
+    d_ff=3072,
+    num_layers=12,
+    num_decoder_layers=12,
+    num_heads=12,
+    dense_act_fn="relu",
+    is_gated_act=False,
+    tie_word_embeddings=True,
+    scale_decoder_outputs=True,
+)
+
+
+def timed(fn, repeats):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times), first
+
+
+def deep_pass_ms(params, config, ids, mask, exit_layer, T, K, repeats=15) -> dict[int, float]:
+    """Median time of one deep pass (blocks [L_s, L) + the head at one position per row), per
+    query-block size, measured alone from a prepared cache and decode-layout weights."""
+    B = ids.shape[0]
+    fused = jax.jit(modeling.fuse_for_decoding)(params)
+    enc = modeling.encode(params, config, jnp.asarray(ids), jnp.asarray(mask))
+    cache = modeling.init_decoder_cache(params, config, enc, jnp.asarray(mask), T)
+
+    @jax.jit
+    def one_pass(fused, cache, queries):
+        out = modeling.decoder_blocks(
+            fused, config, cache, queries, start=exit_layer, stop=config.num_decoder_layers
+        )
+        return modeling.exit_head(fused, config, out.hidden[:, -1]), out.cache
+
+    costs = {}
+    for q in spd.query_buckets(K):
+        queries = jnp.ones((B, q, config.d_model), jnp.float32)
+        _, t, _ = timed(lambda q=queries: one_pass(fused, cache, q), repeats)
+        costs[q] = t * 1e3
+    return costs
+
+
+def temp_bytes(jitted, *args, **kwargs) -> int | None:
+    """XLA's temporary-buffer size for a compiled call (activations, caches, loop state)."""
+    analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
+    if analysis is None:
+        return None
+    return int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
+
+
+def bench_batch(B: int, model, args, records: list) -> None:
+    """Every row of one batch size's table."""
+    config, params, T, Ls = model.config, model.params, args.new_tokens, args.exit_layer
+    ids = testing.random_ids((B, args.source_length), seed=B, vocab_size=32100)
+    mask = np.ones_like(ids)
+    common = dict(config=config, max_new_tokens=T, min_new_tokens=T)
+
+    full, t_full, c_full_first = timed(
+        lambda: decoding.greedy_full(params, ids, mask, **common), args.repeats
+    )
+    _, t_static, _ = timed(
+        lambda: decoding.greedy_static(params, ids, mask, exit_layer=Ls, **common), args.repeats
+    )
+    c_full, c_s = t_full / T, t_static / T
+    c_d = c_full - c_s
+
+    def free(threshold, K, mode="default"):
+        return decoding.free_decode(
+            params,
+            ids,
+            mask,
+            jnp.float32(threshold),
+            exit_layer=Ls,
+            buffer_capacity=K,
+            mode=mode,
+            **common,
+        )
+
+    # Confidences the model produces (never exiting = full-model trajectory).
+    never = jax.block_until_ready(free(1.0, args.capacity))
+    conf = np.asarray(never.confidence).ravel()
+    mem_full = temp_bytes(decoding.greedy_full, params, ids, mask, **common)
+    mem_free = temp_bytes(
+        decoding.free_decode,
+        params,
+        ids,
+        mask,
+        jnp.float32(0.5),
+        exit_layer=Ls,
+        buffer_capacity=args.capacity,
+        **common,
+    )
+    print(
+        f"\n## batch {B}: full {c_full * 1e3:.2f} ms/token (first call "
+        f"{c_full_first:.1f} s), shallow-only (static L_s) {c_s * 1e3:.2f} ms/token; "
+        f"XLA temp+output memory: full {mem_full / 2**20:.1f} MiB, free "
+        f"{mem_free / 2**20:.1f} MiB"
+    )
+    pass_ms = {}
+    for K in sorted(set(args.capacities) | {args.capacity}):
+        pass_ms.update(deep_pass_ms(params, config, ids, mask, Ls, T, K))
+    print(
+        "pass ms by query-block size: "
+        + ", ".join(f"{q}: {ms:.2f}" for q, ms in sorted(pass_ms.items()))
+    )
+    print(
+        "| mode | K | target rate | threshold | exit rate | deep passes | ms/token | "
+        "speed-up | ideal | of ideal | ideal@pass | of ideal@pass |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def row(mode, K, target, threshold):
+        out, t, _ = timed(lambda: free(threshold, K, mode), args.repeats)
+        exited = np.asarray(out.exited)
+        rate = float(exited.mean())
+        passes = int(out.num_deep_passes)
+        ideal = T * c_full / (T * c_s + passes * c_d)
+        buckets = np.asarray(spd.query_buckets(K))
+        widths = np.asarray(out.pass_width)[:passes]
+        sizes = buckets[np.searchsorted(buckets, widths)]
+        pass_cost = sum(pass_ms[int(q)] for q in sizes) / 1e3
+        ideal_pass = T * c_full / (T * c_s + pass_cost)
+        speedup = t_full / t
+        if mode == "exact":
+            assert (np.asarray(out.tokens) == np.asarray(full.tokens)).all()
+        rec = dict(
+            batch=B,
+            mode=mode,
+            K=K,
+            target=target,
+            threshold=float(threshold),
+            exit_rate=rate,
+            deep_passes=passes,
+            ms_per_token=t / T * 1e3,
+            speedup=speedup,
+            ideal=ideal,
+            ideal_at_pass=ideal_pass,
+            full_ms_per_token=c_full * 1e3,
+            shallow_ms_per_token=c_s * 1e3,
+            mem_full=mem_full,
+            mem_free=mem_free,
+        )
+        records.append(rec)
+        print(
+            f"| {mode} | {K} | {target if target is not None else '-'} | "
+            f"{threshold:.4f} | {rate:.2f} | {passes} | {t / T * 1e3:.2f} | "
+            f"{speedup:.2f} | {ideal:.2f} | {speedup / ideal:.0%} | {ideal_pass:.2f} | "
+            f"{speedup / ideal_pass:.0%} |",
+            flush=True,
+        )
+
+    thresholds = {r: float(np.quantile(conf, 1 - r)) for r in args.rates}
+    for mode in ("default", "exact"):
+        for r in args.rates:
+            row(mode, args.capacity, r, thresholds[r])
+    r = 0.8 if 0.8 in thresholds else args.rates[0]
+    for K in args.capacities:
+        row("default", K, r, thresholds[r])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--source-length", type=int, default=64)
+    parser.add_argument("--exit-layer", type=int, default=3)
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 0.8, 0.9])
+    parser.add_argument("--capacities", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--capacity", type=int, default=8, help="K for the exit-rate rows")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    model = free_jax.Model.random(T5_BASE, seed=0)
+    config, T, Ls = model.config, args.new_tokens, args.exit_layer
+    print(
+        f"# t5-base-shaped random model, L_s = {Ls} of {config.num_decoder_layers}, "
+        f"{T} new tokens (EOS suppressed), source {args.source_length}, jax {jax.__version__} "
+        f"on {jax.devices()[0].platform}, median of {args.repeats}"
+    )
+    records = []
+    for B in args.batch_sizes:
+        bench_batch(B, model, args, records)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
