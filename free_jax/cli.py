@@ -1,6 +1,8 @@
 """The `free-jax` command line.
 
-    free-jax decode [TEXT ...] [--model DIR_OR_HUB_NAME] [--ids "5 8 13"] [--method full]
+    free-jax decode [TEXT ...] [--model DIR_OR_HUB_NAME] [--ids "5 8 13"]
+                    [--method full|static|free] [--exit-layer N] [--threshold 0.9]
+                    [--confidence softmax_diff] [--buffer-capacity 8] [--mode default|exact]
                     [--max-new-tokens 32] [--dtype float32|bfloat16] [--json]
     free-jax fit-threshold agreement.npz [...]
 
@@ -46,6 +48,13 @@ def _decode_parser(sub: argparse._SubParsersAction) -> None:
         help='one input row of space-separated token ids, e.g. "13 7 42"; repeat for a batch',
     )
     parser.add_argument("--method", default="full", choices=METHODS)
+    parser.add_argument(
+        "--exit-layer", type=int, default=None, help="static/free: blocks of the early exit"
+    )
+    parser.add_argument("--threshold", type=float, default=0.9, help="free: exit threshold")
+    parser.add_argument("--confidence", default="softmax_diff", help="free: confidence measure")
+    parser.add_argument("--buffer-capacity", type=int, default=8, help="free: pending buffer K")
+    parser.add_argument("--mode", default="default", help="free: default or exact")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--min-new-tokens", type=int, default=0)
     parser.add_argument("--dtype", default=None, choices=_DTYPES)
@@ -132,18 +141,40 @@ def run_decode(args: argparse.Namespace) -> int:
         min_new_tokens=args.min_new_tokens,
         attention_mask=mask,
         truncate=args.truncate,
+        **(
+            dict(exit_layer=args.exit_layer)
+            if args.method == "static"
+            else dict(
+                exit_layer=args.exit_layer,
+                threshold=args.threshold,
+                confidence=args.confidence,
+                buffer_capacity=args.buffer_capacity,
+                mode=args.mode,
+            )
+            if args.method == "free"
+            else {}
+        ),
     )
     done = time.perf_counter()
     for i in range(out.tokens.shape[0]):
         row = out.tokens[i, : out.lengths[i]].tolist()
         text = out.texts[i] if out.texts is not None else None
         if args.json:
-            print(json.dumps({"row": i, "tokens": row, "text": text}))
+            record = {"row": i, "tokens": row, "text": text}
+            if args.method == "free":
+                record["exited"] = out.exited[i, : out.lengths[i]].tolist()
+            print(json.dumps(record))
         else:
             print(f"[{i}] {text!r}" if text is not None else f"[{i}]", "tokens:", row)
     print(
         f"# model: {source} ({model.config.num_layers}+{model.config.num_decoder_layers} layers, "
-        f"{model.dtype}); method={args.method}; load {loaded - started:.1f}s, "
+        f"{model.dtype}); method={args.method}"
+        + (
+            f", exit rate {out.exit_rate:.0%}, {out.num_deep_passes} deep passes"
+            if args.method == "free"
+            else ""
+        )
+        + f"; load {loaded - started:.1f}s, "
         f"decode (incl. compile) {done - loaded:.1f}s",
         file=sys.stderr,
     )

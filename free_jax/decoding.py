@@ -168,10 +168,14 @@ def confidence_score(name: str, logits: jax.Array, states: tuple[jax.Array, ...]
         norms = jnp.linalg.norm(before, axis=-1) * jnp.linalg.norm(after, axis=-1)
         return dot / jnp.maximum(norms, 1e-12)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    top = jax.lax.top_k(probs, 2)[0]
+    first = jnp.max(probs, axis=-1)
     if name == "softmax_max":
-        return top[:, 0]
-    return top[:, 0] - top[:, 1]
+        return first
+    # Two reductions rather than lax.top_k, which sorts on CPU. Ties make the difference 0, as
+    # they should: the second-largest is found by masking only the first arg-max.
+    top = jnp.argmax(probs, axis=-1)
+    masked = jnp.where(jnp.arange(probs.shape[-1]) == top[:, None], -1.0, probs)
+    return first - jnp.max(masked, axis=-1)
 
 
 @functools.partial(
@@ -416,7 +420,9 @@ def decode(
       exit_layer: "static" and "free": decoder blocks of the early exit, L_s; in [1, L] for
         "static", [1, L - 1] for "free"; default `default_exit_layer` (L // 4).
       threshold: "free": a token exits when its confidence is strictly greater; a float or a
-        float32 scalar array (traced: changing it does not recompile).
+        float32 scalar array (traced: changing it does not recompile), or a
+        `free_jax.ThresholdEstimator`: its current threshold is used, agreement data are
+        recorded, and each row is then added to it as one input (it refits on its schedule).
       confidence: "free": "softmax_diff" (default), "softmax_max" or "state_cosine"; "meta"
         needs a checkpoint with a trained exit classifier.
       buffer_capacity: "free": K >= 1, exited tokens a row may queue before a deep pass is
@@ -435,6 +441,7 @@ def decode(
     if method not in METHODS:
         raise InputError(f"method={method!r} is not known; valid methods: {METHODS}.")
     _check_lengths(max_new_tokens, min_new_tokens)
+    estimator = None
     if method in ("static", "free"):
         high = L if method == "static" else L - 1
         if high < 1:
@@ -452,6 +459,9 @@ def decode(
         if mode not in MODES:
             raise InputError(f"mode={mode!r} is not known; valid modes: {MODES}.")
         buffer_capacity = _check_int("buffer_capacity", buffer_capacity, 1)
+        estimator = _as_estimator(threshold, confidence)
+        if estimator is not None:
+            threshold, record_agreement = estimator.threshold, True
         threshold = _check_threshold(threshold, confidence)
     ids, mask = prepare_inputs(model, inputs, attention_mask, truncate=truncate)
     lengths_kw = dict(max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens))
@@ -475,7 +485,35 @@ def decode(
         )
     else:
         result = greedy_full(model.params, ids, mask, config=config, **lengths_kw)
-    return _to_output(model, method, result, exit_layer)
+    out = _to_output(model, method, result, exit_layer)
+    if estimator is not None:
+        # One estimator input per row: its tokens' confidences and their agreement where a deep
+        # pass saw them. Rows of a batch share the threshold they were decoded with.
+        for row in range(out.tokens.shape[0]):
+            seen = out.agree[row] >= 0
+            estimator.update(out.confidence[row], out.agree[row] == 1, mask=seen)
+    return out
+
+
+def _as_estimator(threshold: Any, confidence: str) -> Any:
+    """The `ThresholdEstimator` passed as `threshold`, or None for a plain threshold."""
+    if isinstance(threshold, int | float | np.ndarray | np.generic | jax.Array):
+        return None
+    if isinstance(threshold, str):
+        raise InputError(
+            f"threshold={threshold!r}: pass a number, a float32 array, or a "
+            "free_jax.ThresholdEstimator for the adaptive threshold (it updates after each call)."
+        )
+    from free_jax.threshold import ThresholdEstimator  # imported on demand: TFP is slow to load
+
+    if not isinstance(threshold, ThresholdEstimator):
+        return None  # _check_threshold reports what is wrong with it
+    if confidence not in ("softmax_diff", "softmax_max"):
+        raise InputError(
+            f"the adaptive threshold models confidences in [0, 1]; confidence={confidence!r} is "
+            "not one; use 'softmax_diff' or 'softmax_max'."
+        )
+    return threshold
 
 
 def _to_output(model: Model, method: str, result: Any, exit_layer: int | None) -> DecodeOutput:

@@ -68,3 +68,27 @@ def test_console_script_runs():
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "decode" in result.stdout and "fit-threshold" in result.stdout
+
+
+def test_decode_free_method_reports_exits(capsys):
+    argv = [
+        "decode",
+        "--method",
+        "free",
+        "--exit-layer",
+        "2",
+        "--threshold",
+        "0.0",
+        "--buffer-capacity",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.strip().splitlines()]
+    assert all(len(r["exited"]) == len(r["tokens"]) for r in rows)
+    assert any(any(r["exited"]) for r in rows) and "exit rate" in out.err
+    assert cli.main(argv[:-1] + ["--mode", "rollback"]) == 2
+    assert "mode='rollback' is not known" in capsys.readouterr().err

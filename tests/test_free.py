@@ -238,7 +238,8 @@ def small():
         (dict(threshold=float("nan")), r"threshold=nan is invalid"),
         (dict(threshold=1.5), r"threshold=1.5 is invalid .* in \[0, 1\]"),
         (dict(threshold=-0.1), r"threshold=-0.1\d* is invalid"),
-        (dict(threshold="high"), r"threshold must be a number, got 'high'"),
+        (dict(threshold="high"), r"threshold='high': pass a number, a float32 array, or a "),
+        (dict(threshold=object()), r"threshold must be a number, got <object"),
         (dict(threshold=[0.1, 0.2]), r"threshold must be a scalar"),
         (dict(buffer_capacity=0), r"buffer_capacity must be an integer >= 1, got 0"),
         (dict(confidence="entropy"), r"confidence='entropy' is not known; valid: \("),
@@ -256,3 +257,36 @@ def test_static_exit_layer_range(small):
         free_jax.decode(small, np.array([[5, 6]]), method="static", exit_layer=5)
     with pytest.raises(InputError, match=r"method='beam' is not known; valid methods: \('full'"):
         free_jax.decode(small, np.array([[5, 6]]), method="beam")
+
+
+def test_adaptive_threshold_estimator_updates_without_recompiling(model, batch):
+    """An estimator as `threshold`: each row becomes one input, the estimator refits, and the
+    next call runs the already compiled loop with the new threshold."""
+    from free_jax.threshold import ThresholdConfig, ThresholdEstimator
+
+    ids, mask = batch
+    estimator = ThresholdEstimator(ThresholdConfig(initial=0.3, low=0.05, high=0.9, min_points=5))
+    used, compiled = [], []
+    for _ in range(3):
+        used.append(float(estimator.threshold))
+        free_jax.decode(
+            model,
+            ids,
+            attention_mask=mask,
+            method="free",
+            exit_layer=LS,
+            threshold=estimator,
+            max_new_tokens=T,
+        )
+        compiled.append(decoding.free_decode._cache_size())
+    assert estimator.num_inputs == 3 * ids.shape[0] and estimator.num_points > 0
+    assert estimator.refits[-1].num_points == estimator.num_points
+    assert used[0] == pytest.approx(0.3) and used[1] != used[0], "the threshold moved"
+    assert compiled[1] == compiled[2] == compiled[0]  # no recompilation for a new threshold
+
+
+def test_adaptive_threshold_rejects_unbounded_confidence(model, batch):
+    from free_jax.threshold import ThresholdEstimator
+
+    with pytest.raises(InputError, match="confidence='state_cosine' is not one"):
+        _free(model, batch, ThresholdEstimator(), confidence="state_cosine")
