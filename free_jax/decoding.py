@@ -189,6 +189,7 @@ def confidence_score(name: str, logits: jax.Array, states: tuple[jax.Array, ...]
         "mode",
         "confidence",
         "record_agreement",
+        "rollback_margin",
     ),
 )
 def free_decode(
@@ -205,6 +206,7 @@ def free_decode(
     mode: str = "default",
     confidence: str = "softmax_diff",
     record_agreement: bool = False,
+    rollback_margin: float = 0.1,
 ) -> spd.SpdResult:
     """FREE decoding, jitted; `threshold` is traced (a float32 scalar), so it never recompiles.
 
@@ -213,7 +215,7 @@ def free_decode(
       threshold: a token exits when its confidence is strictly greater.
       exit_layer: L_s, the shallow model's depth, in [1, L - 1].
       buffer_capacity: K, exited tokens a row may queue before a deep pass is forced.
-      mode: "default" or "exact" (see `free_jax.spd`).
+      mode: "default", "exact" or "rollback" (see `free_jax.spd`).
       confidence: "softmax_diff", "softmax_max" or "state_cosine".
       record_agreement: record the shallow/deep agreement of pending tokens too (costs the deep
         exit head on every position of a deep pass; exact mode has it anyway).
@@ -270,6 +272,7 @@ def free_decode(
         mode=mode,
         min_new_tokens=min_new_tokens,
         record_agreement=record_agreement,
+        rollback_margin=rollback_margin,
     )
 
 
@@ -403,6 +406,7 @@ def decode(
     buffer_capacity: int = 8,
     mode: str = "default",
     record_agreement: bool = False,
+    rollback_margin: float = 0.1,
 ) -> DecodeOutput:
     """Greedy decoding with the chosen method.
 
@@ -427,7 +431,9 @@ def decode(
         needs a checkpoint with a trained exit classifier.
       buffer_capacity: "free": K >= 1, exited tokens a row may queue before a deep pass is
         forced.
-      mode: "free": "default" (the paper) or "exact" (output identical to "full").
+      mode: "free": "default" (the paper), "exact" (output identical to "full") or
+        "rollback" (the reference code's option: a deep pass replaces the first pending token it
+        disagrees with by more than `rollback_margin` and discards the rest).
       record_agreement: "free": also record whether the shallow and deep predictions of pending
         tokens agree (`DecodeOutput.agree`, the threshold estimator's data); it costs the deep
         exit head on every position of a deep pass. Without it, only the tokens that went deep
@@ -459,6 +465,14 @@ def decode(
         if mode not in MODES:
             raise InputError(f"mode={mode!r} is not known; valid modes: {MODES}.")
         buffer_capacity = _check_int("buffer_capacity", buffer_capacity, 1)
+        margin_ok = isinstance(rollback_margin, int | float) and not isinstance(
+            rollback_margin, bool
+        )
+        if not margin_ok or not 0.0 <= rollback_margin <= 1.0:
+            raise InputError(
+                f"rollback_margin must be a number in [0, 1] (a difference of probabilities), "
+                f"got {rollback_margin!r}."
+            )
         estimator = _as_estimator(threshold, confidence)
         if estimator is not None:
             threshold, record_agreement = estimator.threshold, True
@@ -477,6 +491,7 @@ def decode(
             mode=mode,
             confidence=confidence,
             record_agreement=bool(record_agreement),
+            rollback_margin=float(rollback_margin),
             **lengths_kw,
         )
     elif method == "static":

@@ -27,6 +27,11 @@ Modes (what the deep pass does with the pending tokens' deep predictions):
 * "default" (the paper): pending tokens keep their shallow tokens; the current token emits the deep
   prediction. Only rows that need the deep model take part, so a row's output never depends on the
   other rows of its batch.
+* "rollback" (the reference code's option): as "default", but a deep pass also checks the
+  pending tokens of the rows taking part: at the first one whose deep prediction differs from it
+  and whose deep probability falls short of the deep argmax's by more than `rollback_margin`, the
+  row is rolled back: that token is replaced by the deep prediction and the rest are discarded.
+  Tokens still pending when a row ends are not checked.
 * "exact": pending tokens are drafts that the deep pass verifies. The first draft that differs from
   the deep prediction is replaced by it and the rest are discarded (the row and its caches roll
   back), so the output equals full-model greedy decoding for any threshold. Every unfinished row
@@ -47,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-MODES = ("default", "exact")
+MODES = ("default", "exact", "rollback")
 
 ShallowFn = Callable[[Any, Array, Array], tuple[Array, Array, Array, Any]]
 DeepFn = Callable[[Any, Array, Array], tuple[Array, Any]]
@@ -124,7 +129,7 @@ def query_buckets(capacity: int) -> tuple[int, ...]:
 def max_loop_steps(max_new_tokens: int, capacity: int, mode: str) -> int:
     """An upper bound on loop iterations. Default mode emits one token per row per step; in exact
     mode each deep pass keeps at least one new token, and passes come at least every K + 1 steps."""
-    return max_new_tokens if mode == "default" else max_new_tokens * (capacity + 1)
+    return max_new_tokens if mode == "default" else max_new_tokens * (capacity + 1)  # rollbacks
 
 
 def _block_eos(logits: Array, positions: Array, eos_id: int, min_new_tokens: int) -> Array:
@@ -169,6 +174,7 @@ def spd_search(
     min_new_tokens: int = 0,
     buckets: Sequence[int] | None = None,
     record_agreement: bool = False,
+    rollback_margin: float = 0.0,
 ) -> SpdResult:
     """FREE's synchronized parallel greedy decoding in one `lax.while_loop`.
 
@@ -184,7 +190,9 @@ def spd_search(
       min_new_tokens: EOS is suppressed at positions below this.
       buckets: deep-pass query sizes (default `query_buckets(K)`); the last must be >= K + 1.
       record_agreement: in default mode, also run the deep exit head on pending tokens to record
-        their shallow/deep agreement (the threshold estimator's data). Exact mode always does.
+        their shallow/deep agreement (the threshold estimator's data). The other modes always do.
+      rollback_margin: "rollback" mode's bound, in [0, 1]: a disagreeing pending token is rolled
+        back when p_deep(deep argmax) - p_deep(token) exceeds it.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; valid: {MODES}.")
@@ -193,6 +201,7 @@ def spd_search(
     if buckets[-1] < K + 1:
         raise ValueError(f"the largest deep-pass size {buckets[-1]} is below K + 1 = {K + 1}.")
     exact = mode == "exact"
+    verify = mode in ("exact", "rollback")  # deep passes check the pending tokens
     max_steps = max_loop_steps(T, K, mode)
     threshold = jnp.asarray(threshold, jnp.float32)
     slots = jnp.arange(K + 1, dtype=jnp.int32)  # [K+1] pending slots, then the current token
@@ -276,7 +285,12 @@ def spd_search(
         first = s.position - count  # [B] position of the first pending token
         positions = first[:, None] + slots[None, :]  # [B, K+1]
 
-        every_slot = exact or record_agreement
+        every_slot = verify or record_agreement
+        # Shallow tokens of the slots: emitted pending tokens, then the current shallow argmax.
+        drafts = jnp.where(
+            slots[None, :] == count[:, None], shallow_token[:, None], _take(s.tokens, positions)
+        )
+        no_margin = jnp.zeros((B, K + 1), jnp.float32)
 
         def run(q: int):
             def branch(cache):
@@ -284,25 +298,28 @@ def spd_search(
                 if every_slot:
                     logits = _block_eos(head_fn(hidden), positions[:, :q], eos_id, min_new_tokens)
                     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-                    return jnp.pad(tokens, ((0, 0), (0, K + 1 - q)), constant_values=pad_id), cache
+                    margin = no_margin
+                    if mode == "rollback":  # p_deep(argmax) - p_deep(draft), per slot
+                        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+                        drafted = jnp.take_along_axis(probs, drafts[:, :q, None], axis=-1)
+                        margin = jnp.pad(
+                            jnp.max(probs, axis=-1) - drafted[..., 0], ((0, 0), (0, K + 1 - q))
+                        )
+                    pad = ((0, 0), (0, K + 1 - q))
+                    return jnp.pad(tokens, pad, constant_values=pad_id), margin, cache
                 # Only the current token's deep prediction is used: one head row per row.
                 at = jnp.minimum(count, q - 1)[:, None, None]
                 current = jnp.take_along_axis(hidden, at, axis=1)[:, 0]  # [B, D]
                 logits = _block_eos(head_fn(current), s.position, eos_id, min_new_tokens)
                 token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
                 tokens = jnp.where(slots[None, :] == count[:, None], token[:, None], pad_id)
-                return tokens, cache
+                return tokens, no_margin, cache
 
             return branch
 
         width = jnp.max(num_new)
         bucket = jnp.searchsorted(buckets_array, width, side="left")
-        deep_tokens, cache = jax.lax.switch(bucket, [run(q) for q in buckets], s.cache)
-
-        # Shallow tokens of the slots: emitted pending tokens, then the current shallow argmax.
-        drafts = jnp.where(
-            slots[None, :] == count[:, None], shallow_token[:, None], _take(s.tokens, positions)
-        )
+        deep_tokens, margin, cache = jax.lax.switch(bucket, [run(q) for q in buckets], s.cache)
         seen = slots[None, :] < num_new[:, None]  # [B, K+1]
         if not every_slot:
             seen &= slots[None, :] == count[:, None]
@@ -315,7 +332,7 @@ def spd_search(
             pass_width=s.pass_width.at[s.num_deep_passes].set(width),
         )
         current_deep = jnp.take_along_axis(deep_tokens, count[:, None], axis=1)[:, 0]
-        if not exact:
+        if not verify:
             # Rows in the pass flush their buffer and emit the deep token; the others exit.
             s = s.replace(pending_count=jnp.where(takes_part, 0, s.pending_count))
             s = _push(s, hidden, exits)
@@ -323,8 +340,10 @@ def spd_search(
             s = _emit(s, token, active, exited=~takes_part)
             return s.replace(step=s.step + 1)
 
-        # Exact: keep drafts up to the first disagreement, which the deep token replaces.
+        # Verify: keep drafts up to the first rejected one, which the deep token replaces.
         wrong = (drafts != deep_tokens) & (slots[None, :] < count[:, None]) & takes_part[:, None]
+        if mode == "rollback":
+            wrong &= margin > rollback_margin
         rejected = jnp.any(wrong, axis=1)  # [B]
         keep = jnp.where(rejected, jnp.argmax(wrong, axis=1), count)  # slot of the deep token
         fix_at = first + keep  # [B] position that receives the deep token
@@ -341,6 +360,10 @@ def spd_search(
             position=jnp.where(takes_part, fix_at, s.position),
         )
         s = _emit(s, token, takes_part, exited=jnp.zeros_like(takes_part))
+        # Rows outside the pass (rollback mode only) exit as in the default mode.
+        bystanders = active & ~takes_part
+        s = _push(s, hidden, bystanders)
+        s = _emit(s, shallow_token, bystanders, exited=jnp.ones_like(bystanders))
         return s.replace(cache=truncate_fn(s.cache, s.position), step=s.step + 1)
 
     final = jax.lax.while_loop(cond, body, state)

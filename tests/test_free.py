@@ -244,7 +244,11 @@ def small():
         (dict(buffer_capacity=0), r"buffer_capacity must be an integer >= 1, got 0"),
         (dict(confidence="entropy"), r"confidence='entropy' is not known; valid: \("),
         (dict(confidence="meta"), r"needs a checkpoint with a trained exit classifier"),
-        (dict(mode="rollback"), r"mode='rollback' is not known; valid modes: \('default', "),
+        (dict(mode="speculative"), r"mode='speculative' is not known; valid modes: \('default'"),
+        (
+            dict(mode="rollback", rollback_margin=1.5),
+            r"rollback_margin must be a number in \[0, 1\]",
+        ),
     ],
 )
 def test_bad_free_arguments_raise_clear_errors(small, kwargs, message):
@@ -290,3 +294,18 @@ def test_adaptive_threshold_rejects_unbounded_confidence(model, batch):
 
     with pytest.raises(InputError, match="confidence='state_cosine' is not one"):
         _free(model, batch, ThresholdEstimator(), confidence="state_cosine")
+
+
+def test_rollback_mode_on_a_model(model, batch):
+    """Margin 1 never rolls back (the default mode); margin 0 leaves no checked disagreement."""
+    threshold = float(np.quantile(_confidences(model, batch), 0.4))
+    default = _free(model, batch, threshold, buffer_capacity=4)
+    loose = _free(model, batch, threshold, buffer_capacity=4, mode="rollback", rollback_margin=1.0)
+    np.testing.assert_array_equal(loose.tokens, default.tokens)
+    strict = _free(model, batch, threshold, buffer_capacity=4, mode="rollback", rollback_margin=0.0)
+    # Every token a deep pass saw now agrees with the deep model, except tokens the pass
+    # itself replaced (they are deep tokens, recorded as the shallow draft's disagreement).
+    seen = strict.agree >= 0
+    assert seen.any()
+    kept_exits = seen & strict.exited
+    assert (strict.agree[kept_exits] == 1).all()

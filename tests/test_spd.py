@@ -77,8 +77,8 @@ def scripted(S, C, D):
     return shallow_fn, deep_fn, head_fn, truncate_fn, cache
 
 
-@functools.partial(jax.jit, static_argnames=("K", "mode", "record_agreement"))
-def run(S, C, D, threshold, *, K, mode, record_agreement=True):
+@functools.partial(jax.jit, static_argnames=("K", "mode", "record_agreement", "margin"))
+def run(S, C, D, threshold, *, K, mode, record_agreement=True, margin=0.0):
     shallow_fn, deep_fn, head_fn, truncate_fn, cache = scripted(S, C, D)
     B, T = S.shape
     return spd.spd_search(
@@ -98,6 +98,7 @@ def run(S, C, D, threshold, *, K, mode, record_agreement=True):
         pad_id=PAD,
         mode=mode,
         record_agreement=record_agreement,
+        rollback_margin=margin,
     )
 
 
@@ -116,6 +117,33 @@ def reference_default(S, C, D, threshold, K):
         if out[-1] == EOS:
             break
     return out, exited
+
+
+def reference_rollback(S, C, D, threshold, K):
+    """The rollback rules for one row, by hand (any disagreement rolls back: margin 0)."""
+    out, exited, pending, pos = {}, {}, [], 0
+    while pos < len(S):
+        t = pos
+        if C[t] > threshold and len(pending) < K:
+            out[t], exited[t] = S[t], True
+            pending.append(t)
+            pos += 1
+            if S[t] == EOS:
+                break
+            continue
+        bad = [j for j in pending if out[j] != D[j]]
+        pending = []
+        if bad:
+            j = bad[0]
+            out = {i: v for i, v in out.items() if i < j}
+            exited = {i: v for i, v in exited.items() if i < j}
+            t = j
+        out[t], exited[t] = D[t], False
+        pos = t + 1
+        if D[t] == EOS:
+            break
+    n = len(out)
+    return [out[i] for i in range(n)], [exited[i] for i in range(n)]
 
 
 def reference_full(D):
@@ -254,3 +282,32 @@ def test_exact_mode_rolls_back_to_the_first_wrong_draft():
     assert bool(result.exited[0, 0]) and bool(result.exited[0, 1])
     assert not bool(result.exited[0, 2])
     assert int(result.steps) > 8
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    threshold=st.floats(0.0, 1.0),
+    K=st.sampled_from([1, 3, 8]),
+    agree=st.sampled_from([0.3, 0.9]),
+)
+def test_rollback_mode_follows_the_rules_row_by_row(seed, threshold, K, agree):
+    S, C, D = tables(seed, agree=agree)
+    result = run(S, C, D, np.float32(threshold), K=K, mode="rollback", margin=0.0)
+    for b in range(S.shape[0]):
+        tokens, exited = reference_rollback(S[b], C[b], D[b], np.float32(threshold), K)
+        n = len(tokens)
+        assert int(result.lengths[b]) == n
+        np.testing.assert_array_equal(np.asarray(result.tokens[b, :n]), tokens)
+        np.testing.assert_array_equal(np.asarray(result.tokens[b, n:]), PAD)
+        np.testing.assert_array_equal(np.asarray(result.exited[b, :n]), exited)
+    assert bool(result.cache["in_order"])
+
+
+def test_rollback_within_the_margin_is_the_default_mode():
+    """Scripted deep probabilities differ by ~0.9997 at most: a margin of 1 never rolls back."""
+    S, C, D = tables(5, agree=0.5)
+    loose = run(S, C, D, np.float32(0.4), K=4, mode="rollback", margin=1.0)
+    default = run(S, C, D, np.float32(0.4), K=4, mode="default")
+    np.testing.assert_array_equal(np.asarray(loose.tokens), np.asarray(default.tokens))
+    np.testing.assert_array_equal(np.asarray(loose.exited), np.asarray(default.exited))
