@@ -190,6 +190,7 @@ def confidence_score(name: str, logits: jax.Array, states: tuple[jax.Array, ...]
         "confidence",
         "record_agreement",
         "rollback_margin",
+        "max_wait",
     ),
 )
 def free_decode(
@@ -207,6 +208,7 @@ def free_decode(
     confidence: str = "softmax_diff",
     record_agreement: bool = False,
     rollback_margin: float = 0.1,
+    max_wait: int = 0,
 ) -> spd.SpdResult:
     """FREE decoding, jitted; `threshold` is traced (a float32 scalar), so it never recompiles.
 
@@ -273,6 +275,7 @@ def free_decode(
         min_new_tokens=min_new_tokens,
         record_agreement=record_agreement,
         rollback_margin=rollback_margin,
+        max_wait=max_wait,
     )
 
 
@@ -407,6 +410,7 @@ def decode(
     mode: str = "default",
     record_agreement: bool = False,
     rollback_margin: float = 0.1,
+    max_wait: int = 0,
 ) -> DecodeOutput:
     """Greedy decoding with the chosen method.
 
@@ -434,6 +438,9 @@ def decode(
       mode: "free": "default" (the paper), "exact" (output identical to "full") or
         "rollback" (the reference code's option: a deep pass replaces the first pending token it
         disagrees with by more than `rollback_margin` and discards the rest).
+      max_wait: "free", batches: steps a row that needs the deep model may wait while other rows
+        advance, so that one deep pass serves several rows (0: never wait). Changes when deep
+        passes happen, not the tokens.
       record_agreement: "free": also record whether the shallow and deep predictions of pending
         tokens agree (`DecodeOutput.agree`, the threshold estimator's data); it costs the deep
         exit head on every position of a deep pass. Without it, only the tokens that went deep
@@ -465,6 +472,7 @@ def decode(
         if mode not in MODES:
             raise InputError(f"mode={mode!r} is not known; valid modes: {MODES}.")
         buffer_capacity = _check_int("buffer_capacity", buffer_capacity, 1)
+        max_wait = _check_int("max_wait", max_wait, 0)
         margin_ok = isinstance(rollback_margin, int | float) and not isinstance(
             rollback_margin, bool
         )
@@ -492,6 +500,7 @@ def decode(
             confidence=confidence,
             record_agreement=bool(record_agreement),
             rollback_margin=float(rollback_margin),
+            max_wait=max_wait,
             **lengths_kw,
         )
     elif method == "static":

@@ -38,6 +38,13 @@ Modes (what the deep pass does with the pending tokens' deep predictions):
   takes part in every deep pass (verifying early is free and exact), an EOS draft never exits, and
   the last position always goes deep, so nothing unverified is emitted.
 
+Waiting (`max_wait > 0`, any mode): in a batch, some row needs the deep model at almost every
+step when exits are not in lockstep, so the naive rule takes a deep pass nearly every step. With
+`max_wait`, a row that needs the deep model holds its current shallow state and *waits* (takes no
+steps) while the other rows advance; the pass runs when a waiting row has waited `max_wait` steps
+or no row can advance, and then serves every waiting row at once. Waiting changes when passes
+happen, never what a row emits.
+
 Every deep pass also yields calibration data for the threshold estimator: for each token it saw,
 whether the shallow and deep argmaxes agree, next to the token's shallow confidence.
 """
@@ -78,6 +85,10 @@ class SpdState:
         not agree with the deep one; -1 when no deep pass saw it (or, without
         `record_agreement`, when it was a pending token).
       done: bool[B] the row emitted EOS or filled T tokens (monotonic).
+      waiting: bool[B] the row needs the deep model and holds its current token for a pass.
+      waited: int32[B] steps the row has waited.
+      held_hidden: [B, D] a waiting row's current shallow state. held_token: int32[B] its
+        shallow argmax.
       num_deep_passes: int32[] deep passes taken.
       pass_tokens: int32[P] positions each deep pass processed, summed over rows.
       pass_width: int32[P] the longest row's positions in each pass (what sets its query block).
@@ -94,6 +105,10 @@ class SpdState:
     confidence: Array
     agree: Array
     done: Array
+    waiting: Array
+    waited: Array
+    held_hidden: Array
+    held_token: Array
     num_deep_passes: Array
     pass_tokens: Array
     pass_width: Array
@@ -126,10 +141,12 @@ def query_buckets(capacity: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def max_loop_steps(max_new_tokens: int, capacity: int, mode: str) -> int:
-    """An upper bound on loop iterations. Default mode emits one token per row per step; in exact
-    mode each deep pass keeps at least one new token, and passes come at least every K + 1 steps."""
-    return max_new_tokens if mode == "default" else max_new_tokens * (capacity + 1)  # rollbacks
+def max_loop_steps(max_new_tokens: int, capacity: int, mode: str, max_wait: int = 0) -> int:
+    """An upper bound on loop iterations. Default mode emits one token per row per step, but for
+    waits of at most `max_wait` steps; with verification each deep pass keeps at least one new
+    token, and passes come at least every K + 1 steps."""
+    steps = max_new_tokens * (max_wait + 1)
+    return steps if mode == "default" else steps * (capacity + 1)
 
 
 def _block_eos(logits: Array, positions: Array, eos_id: int, min_new_tokens: int) -> Array:
@@ -175,6 +192,7 @@ def spd_search(
     buckets: Sequence[int] | None = None,
     record_agreement: bool = False,
     rollback_margin: float = 0.0,
+    max_wait: int = 0,
 ) -> SpdResult:
     """FREE's synchronized parallel greedy decoding in one `lax.while_loop`.
 
@@ -193,6 +211,8 @@ def spd_search(
         their shallow/deep agreement (the threshold estimator's data). The other modes always do.
       rollback_margin: "rollback" mode's bound, in [0, 1]: a disagreeing pending token is rolled
         back when p_deep(deep argmax) - p_deep(token) exceeds it.
+      max_wait: steps a row needing the deep model may wait for others (0: never; see the module
+        docstring).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; valid: {MODES}.")
@@ -202,7 +222,7 @@ def spd_search(
         raise ValueError(f"the largest deep-pass size {buckets[-1]} is below K + 1 = {K + 1}.")
     exact = mode == "exact"
     verify = mode in ("exact", "rollback")  # deep passes check the pending tokens
-    max_steps = max_loop_steps(T, K, mode)
+    max_steps = max_loop_steps(T, K, mode, max_wait)
     threshold = jnp.asarray(threshold, jnp.float32)
     slots = jnp.arange(K + 1, dtype=jnp.int32)  # [K+1] pending slots, then the current token
     buckets_array = jnp.asarray(buckets, jnp.int32)
@@ -218,6 +238,10 @@ def spd_search(
         confidence=jnp.zeros((B, T), jnp.float32),
         agree=jnp.full((B, T), -1, jnp.int8),
         done=jnp.zeros((B,), bool),
+        waiting=jnp.zeros((B,), bool),
+        waited=jnp.zeros((B,), jnp.int32),
+        held_hidden=jnp.zeros((B, D), hidden_dtype),
+        held_token=jnp.zeros((B,), jnp.int32),
         num_deep_passes=jnp.zeros((), jnp.int32),
         pass_tokens=jnp.zeros((max_steps,), jnp.int32),
         pass_width=jnp.zeros((max_steps,), jnp.int32),
@@ -229,22 +253,42 @@ def spd_search(
 
     def body(s: SpdState) -> SpdState:
         active = ~s.done
-        logits, hidden, conf, cache = shallow_fn(s.cache, s.last_token, active)
+        stepping = active & ~s.waiting  # waiting rows hold their token and take no step
+        logits, hidden, conf, cache = shallow_fn(s.cache, s.last_token, stepping)
         logits = _block_eos(logits, s.position, eos_id, min_new_tokens)
         shallow_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
-        exits = (conf > threshold) & (s.pending_count < K) & active
+        exits = (conf > threshold) & (s.pending_count < K) & stepping
         if exact:  # never leave an unverified EOS or last token behind
             exits &= (shallow_token != eos_id) & (s.position < T - 1)
+        hidden = jnp.where(s.waiting[:, None], s.held_hidden, hidden.astype(hidden_dtype))
+        shallow_token = jnp.where(s.waiting, s.held_token, shallow_token)
         needs_deep = active & ~exits
         # The decision is recorded at the current position whatever follows.
         here = s.position[:, None]  # [B, 1]
-        confidence = _put(s.confidence, here, conf[:, None], active[:, None])
+        confidence = _put(s.confidence, here, conf[:, None], stepping[:, None])
         s = s.replace(cache=cache, confidence=confidence)
-        return jax.lax.cond(
-            jnp.any(needs_deep),
-            lambda: _deep_step(s, hidden, shallow_token, exits, needs_deep),
-            lambda: _shallow_step(s, hidden, shallow_token, exits),
-        )
+        if max_wait > 0:
+            waited = jnp.where(s.waiting, s.waited + 1, 0)
+            stuck = ~jnp.any(exits)  # no row can advance without the deep model
+            go = stuck | jnp.any(needs_deep & (waited >= max_wait))
+        else:
+            waited = s.waited
+            go = jnp.any(needs_deep)
+
+        def wait():
+            t = _shallow_step(s, hidden, shallow_token, exits)
+            return t.replace(
+                waiting=needs_deep,
+                waited=waited,
+                held_hidden=jnp.where(needs_deep[:, None], hidden, s.held_hidden),
+                held_token=jnp.where(needs_deep, shallow_token, s.held_token),
+            )
+
+        def deep():
+            t = _deep_step(s, hidden, shallow_token, exits, needs_deep)
+            return t.replace(waiting=jnp.zeros_like(s.waiting), waited=jnp.zeros_like(waited))
+
+        return jax.lax.cond(go, deep, wait)
 
     def _emit(s: SpdState, token: Array, where: Array, exited: Array) -> SpdState:
         """Emits `token` at each row's position where `where`; advances those rows."""

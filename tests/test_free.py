@@ -309,3 +309,14 @@ def test_rollback_mode_on_a_model(model, batch):
     assert seen.any()
     kept_exits = seen & strict.exited
     assert (strict.agree[kept_exits] == 1).all()
+
+
+def test_waiting_rows_on_a_model(model, batch):
+    threshold = float(np.quantile(_confidences(model, batch), 0.5))
+    eager = _free(model, batch, threshold, buffer_capacity=4)
+    patient = _free(model, batch, threshold, buffer_capacity=4, max_wait=3)
+    np.testing.assert_array_equal(patient.tokens, eager.tokens)
+    np.testing.assert_array_equal(patient.exited, eager.exited)
+    assert patient.num_deep_passes <= eager.num_deep_passes
+    with pytest.raises(InputError, match=r"max_wait must be an integer >= 0, got -1"):
+        _free(model, batch, threshold, max_wait=-1)

@@ -77,8 +77,8 @@ def scripted(S, C, D):
     return shallow_fn, deep_fn, head_fn, truncate_fn, cache
 
 
-@functools.partial(jax.jit, static_argnames=("K", "mode", "record_agreement", "margin"))
-def run(S, C, D, threshold, *, K, mode, record_agreement=True, margin=0.0):
+@functools.partial(jax.jit, static_argnames=("K", "mode", "record_agreement", "margin", "max_wait"))
+def run(S, C, D, threshold, *, K, mode, record_agreement=True, margin=0.0, max_wait=0):
     shallow_fn, deep_fn, head_fn, truncate_fn, cache = scripted(S, C, D)
     B, T = S.shape
     return spd.spd_search(
@@ -99,6 +99,7 @@ def run(S, C, D, threshold, *, K, mode, record_agreement=True, margin=0.0):
         mode=mode,
         record_agreement=record_agreement,
         rollback_margin=margin,
+        max_wait=max_wait,
     )
 
 
@@ -311,3 +312,34 @@ def test_rollback_within_the_margin_is_the_default_mode():
     default = run(S, C, D, np.float32(0.4), K=4, mode="default")
     np.testing.assert_array_equal(np.asarray(loose.tokens), np.asarray(default.tokens))
     np.testing.assert_array_equal(np.asarray(loose.exited), np.asarray(default.exited))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    threshold=st.floats(0.0, 1.0),
+    K=st.sampled_from([1, 4]),
+    max_wait=st.sampled_from([1, 2, 5]),
+    mode=st.sampled_from(["default", "exact", "rollback"]),
+)
+def test_waiting_changes_when_passes_run_not_what_rows_emit(seed, threshold, K, max_wait, mode):
+    S, C, D = tables(seed, B=4)
+    eager = run(S, C, D, np.float32(threshold), K=K, mode=mode)
+    patient = run(S, C, D, np.float32(threshold), K=K, mode=mode, max_wait=max_wait)
+    np.testing.assert_array_equal(np.asarray(patient.tokens), np.asarray(eager.tokens))
+    np.testing.assert_array_equal(np.asarray(patient.lengths), np.asarray(eager.lengths))
+    if mode == "default":  # exits do not depend on pass timing there
+        np.testing.assert_array_equal(np.asarray(patient.exited), np.asarray(eager.exited))
+        assert int(patient.num_deep_passes) <= int(eager.num_deep_passes)
+    assert bool(patient.cache["in_order"])
+
+
+def test_waiting_rows_share_one_pass():
+    """Rows needing the deep model at alternating steps: waiting halves the passes."""
+    S, C, D = tables(6, B=2, T=8, eos=0.0)
+    C = np.array([[0.9, 0.1] * 4, [0.1, 0.9] * 4], np.float32)
+    eager = run(S, C, D, np.float32(0.5), K=8, mode="default")
+    patient = run(S, C, D, np.float32(0.5), K=8, mode="default", max_wait=1)
+    assert int(eager.num_deep_passes) == 8
+    assert int(patient.num_deep_passes) < int(eager.num_deep_passes)
+    np.testing.assert_array_equal(np.asarray(patient.tokens), np.asarray(eager.tokens))
