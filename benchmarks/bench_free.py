@@ -113,7 +113,7 @@ def bench_batch(B: int, model, args, records: list) -> None:
     c_full, c_s = t_full / T, t_static / T
     c_d = c_full - c_s
 
-    def free(threshold, K, mode="default"):
+    def free(threshold, K, mode="default", max_wait=0):
         return decoding.free_decode(
             params,
             ids,
@@ -122,6 +122,7 @@ def bench_batch(B: int, model, args, records: list) -> None:
             exit_layer=Ls,
             buffer_capacity=K,
             mode=mode,
+            max_wait=max_wait,
             **common,
         )
 
@@ -161,13 +162,13 @@ def bench_batch(B: int, model, args, records: list) -> None:
         + ", ".join(f"{q}: {ms:.2f}" for q, ms in sorted(pass_ms.items()))
     )
     print(
-        "| mode | K | target rate | threshold | exit rate | deep passes | ms/token | "
+        "| mode | K | wait | target rate | threshold | exit rate | deep passes | ms/token | "
         "speed-up | ideal | of ideal | ideal@pass | of ideal@pass |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * 13 + "|")
 
-    def row(mode, K, target, threshold):
-        out, t, _ = timed(lambda: free(threshold, K, mode), args.repeats)
+    def row(mode, K, target, threshold, max_wait=0):
+        out, t, _ = timed(lambda: free(threshold, K, mode, max_wait), args.repeats)
         exited = np.asarray(out.exited)
         rate = float(exited.mean())
         passes = int(out.num_deep_passes)
@@ -184,6 +185,7 @@ def bench_batch(B: int, model, args, records: list) -> None:
             batch=B,
             mode=mode,
             K=K,
+            max_wait=max_wait,
             target=target,
             threshold=float(threshold),
             exit_rate=rate,
@@ -199,7 +201,7 @@ def bench_batch(B: int, model, args, records: list) -> None:
         )
         records.append(rec)
         print(
-            f"| {mode} | {K} | {target:.2f} | "
+            f"| {mode} | {K} | {max_wait} | {target:.2f} | "
             f"{threshold:.4f} | {rate:.2f} | {passes} | {t / T * 1e3:.2f} | "
             f"{speedup:.2f} | {ideal:.2f} | {speedup / ideal:.0%} | {ideal_pass:.2f} | "
             f"{speedup / ideal_pass:.0%} |",
@@ -208,13 +210,15 @@ def bench_batch(B: int, model, args, records: list) -> None:
 
     # Controlled exit rates: at a threshold below every confidence, a row exits until its
     # buffer is full, so the exit rate is K / (K + 1) and every (K + 1)-th token forces a pass.
-    for mode in ("default", "exact"):
+    for mode in () if args.skip_k_sweep else ("default", "exact"):
         for K in args.capacities:
             row(mode, K, K / (K + 1), 0.0)
     # Exit rates picked by threshold (with random weights confidences barely vary, so these
     # rates come out coarse; a trained model spreads them).
     for r in args.rates:
-        row("default", args.capacity, r, calibrate(r))
+        threshold = calibrate(r)
+        for wait in args.waits:
+            row("default", args.capacity, r, threshold, max_wait=wait)
 
 
 def main(argv=None) -> int:
@@ -226,6 +230,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rates", type=float, nargs="*", default=[0.5, 0.8])
     parser.add_argument("--capacities", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--capacity", type=int, default=8, help="K for the threshold rows")
+    parser.add_argument(
+        "--waits", type=int, nargs="+", default=[0], help="max_wait values for threshold rows"
+    )
+    parser.add_argument("--skip-k-sweep", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
