@@ -4,6 +4,8 @@ Methods:
 
 * "full": every token runs all L decoder blocks (the speed-up denominator).
 * "static": every token exits after block `exit_layer`.
+* "oracle" (analysis): full-model tokens, each labelled with the shallowest exit whose
+  prediction already equals the full model's (`DecodeOutput.exit_layer`).
 * "free": FREE's shallow-deep module with synchronized parallel decoding (`free_jax.spd`): a token
   whose shallow confidence beats `threshold` exits after block `exit_layer`; the deep blocks later
   run once over all exited tokens, so the deep KV cache stays exact. `mode="exact"` verifies the
@@ -34,7 +36,7 @@ from free_jax.errors import InputError
 from free_jax.model import Model, check_token_ids
 from free_jax.search import greedy_search
 
-METHODS = ("full", "static", "free")
+METHODS = ("full", "static", "free", "oracle")
 CONFIDENCES = ("softmax_diff", "softmax_max", "state_cosine", "meta")
 MODES = spd.MODES
 # Source lengths are padded up to a multiple of this (masked), so a stream of inputs of varying
@@ -150,6 +152,22 @@ def greedy_static(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
     )
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def oracle_exit_layers(params, input_ids, attention_mask, tokens, *, config):
+    """int32[B, T]: for each generated token, the fewest decoder blocks whose exit predicts it.
+
+    Teacher-forced over the tokens full greedy decoding emitted, which is exactly what the decode
+    loop computed at every position (tested in test_decode.py), with every block's exit applied.
+    """
+    start = jnp.full((tokens.shape[0], 1), config.decoder_start_token_id, tokens.dtype)
+    dec = jnp.concatenate([start, tokens[:, :-1]], axis=1)
+    out = modeling.forward(params, config, input_ids, dec, attention_mask, return_block_states=True)
+    preds = jnp.stack(
+        [jnp.argmax(modeling.exit_head(params, config, h), axis=-1) for h in out.block_states]
+    )  # [L, B, T]
+    return (jnp.argmax(preds == preds[-1][None], axis=0) + 1).astype(jnp.int32)
 
 
 def confidence_score(name: str, logits: jax.Array, states: tuple[jax.Array, ...]) -> jax.Array:
@@ -418,7 +436,8 @@ def decode(
       model: the model.
       inputs: int[B, S] source token ids, or a string / list of strings (needs a tokenizer).
       method: "full" (all decoder blocks), "static" (every token exits after `exit_layer`
-        blocks) or "free" (FREE's shallow-deep module with synchronized parallel decoding).
+        blocks), "free" (FREE's shallow-deep module with synchronized parallel decoding) or
+        "oracle" (full-model tokens labelled with the shallowest exit that predicts each).
       max_new_tokens: tokens to generate at most per row (the decode cache size), >= 1.
       min_new_tokens: EOS is suppressed until this many tokens exist (benchmarks use
         `min_new_tokens = max_new_tokens` to fix the work done).
@@ -509,6 +528,9 @@ def decode(
         )
     else:
         result = greedy_full(model.params, ids, mask, config=config, **lengths_kw)
+        if method == "oracle":
+            layers = oracle_exit_layers(model.params, ids, mask, result.tokens, config=config)
+            return _to_output(model, method, result, exit_layer, oracle_layers=layers)
     out = _to_output(model, method, result, exit_layer)
     if estimator is not None:
         # One estimator input per row: its tokens' confidences and their agreement where a deep
@@ -540,7 +562,9 @@ def _as_estimator(threshold: Any, confidence: str) -> Any:
     return threshold
 
 
-def _to_output(model: Model, method: str, result: Any, exit_layer: int | None) -> DecodeOutput:
+def _to_output(
+    model: Model, method: str, result: Any, exit_layer: int | None, oracle_layers: Any = None
+) -> DecodeOutput:
     L = model.config.num_decoder_layers
     tokens, lengths, steps = jax.device_get((result.tokens, result.lengths, result.steps))
     B, T = tokens.shape
@@ -565,10 +589,13 @@ def _to_output(model: Model, method: str, result: Any, exit_layer: int | None) -
         exited = np.full((B, T), method == "static") & generated
         confidence = np.full((B, T), np.nan, np.float32)
         agree = np.full((B, T), -1, np.int8)
-        passes = int(steps) if method == "full" else 0
+        passes = int(steps) if method in ("full", "oracle") else 0
         active_per_step = (np.arange(T)[:, None] < lengths[None, :]).sum(axis=1)
         pass_tokens = active_per_step[:passes].astype(np.int32)
         layer = np.full((B, T), depth)
+        if method == "oracle":
+            layer = np.asarray(oracle_layers)
+            exited = (layer < L) & generated
     texts = None
     if model.tokenizer is not None:
         texts = model.tokenizer.batch_decode(

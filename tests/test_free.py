@@ -320,3 +320,27 @@ def test_waiting_rows_on_a_model(model, batch):
     assert patient.num_deep_passes <= eager.num_deep_passes
     with pytest.raises(InputError, match=r"max_wait must be an integer >= 0, got -1"):
         _free(model, batch, threshold, max_wait=-1)
+
+
+def test_oracle_labels_each_full_token_with_its_shallowest_correct_exit(model, batch):
+    ids, mask = batch
+    full = free_jax.decode(model, ids, attention_mask=mask, max_new_tokens=T)
+    oracle = free_jax.decode(model, ids, attention_mask=mask, method="oracle", max_new_tokens=T)
+    np.testing.assert_array_equal(oracle.tokens, full.tokens)
+    L = model.config.num_decoder_layers
+    dec = np.concatenate([np.zeros((4, 1), np.int32), full.tokens[:, :-1]], axis=1)
+    preds = np.stack(
+        [
+            np.asarray(free_jax.forward(model, ids, dec, attention_mask=mask, exit_layer=k)).argmax(
+                -1
+            )
+            for k in range(1, L + 1)
+        ]
+    )  # [L, B, T]
+    for b, n in enumerate(full.lengths):
+        for t in range(n):
+            k = oracle.exit_layer[b, t]
+            assert preds[k - 1, b, t] == full.tokens[b, t]
+            assert k == 1 or (preds[: k - 1, b, t] != full.tokens[b, t]).all()
+        assert (oracle.exited[b, :n] == (oracle.exit_layer[b, :n] < L)).all()
+    assert 0 < oracle.exit_rate < 1  # the tiny model exits early sometimes, not always
