@@ -129,16 +129,22 @@ def _load_hub(name: str, dtype: Any, revision: str | None) -> Model:
     return _load_hf_dir(Path(local), dtype)
 
 
+def _read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is a `CheckpointError` naming it."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}.") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, got {type(value).__name__}.")
+    return value
+
+
 def read_hf_config(path: Path) -> T5Config:
     """Reads `config.json` of a Hugging Face checkpoint directory into a `T5Config`."""
     config_file = path / "config.json"
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_file} is not valid JSON: {e}.") from e
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{config_file} must hold a JSON object, got {type(hf).__name__}.")
+    hf = _read_json_object(config_file)
     try:
         return T5Config.from_hf_dict(hf)
     except ConfigError as e:
@@ -338,14 +344,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a free_jax checkpoint (no {FREE_JAX_META}); only checkpoints written "
             f"by free_jax.save carry metadata."
         )
-    try:
-        with open(meta_file, encoding="utf-8") as f:
-            header = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_file} is not valid JSON: {e}.") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{meta_file} must hold a JSON object, got {type(header).__name__}.")
-    return header.get("metadata", {})
+    return _read_json_object(meta_file).get("metadata", {})
 
 
 def _load_free_jax(path: Path, dtype: Any) -> Model:

@@ -83,14 +83,22 @@ class DecodeOutput:
         return float(self.exited.sum() / n) if n else 0.0
 
 
+def _start_decoding(params, config, input_ids, attention_mask, max_new_tokens, num_layers=None):
+    """What every decoding method does first: encode, build the decoder cache for blocks
+    [0, num_layers), rearrange the weights for decoding. Returns (decode-layout params, cache)."""
+    encoder_output = modeling.encode(params, config, input_ids, attention_mask)
+    cache = modeling.init_decoder_cache(
+        params, config, encoder_output, attention_mask, max_new_tokens, num_layers=num_layers
+    )
+    return modeling.fuse_for_decoding(params), cache
+
+
 def _greedy(params, input_ids, attention_mask, *, config, stop, max_new_tokens, min_new_tokens):
     """Greedy decoding through decoder blocks [0, stop) and the exit head."""
     B = input_ids.shape[0]
-    encoder_output = modeling.encode(params, config, input_ids, attention_mask)
-    cache = modeling.init_decoder_cache(
-        params, config, encoder_output, attention_mask, max_new_tokens, num_layers=stop
+    params, cache = _start_decoding(
+        params, config, input_ids, attention_mask, max_new_tokens, num_layers=stop
     )
-    params = modeling.fuse_for_decoding(params)
 
     def step(cache, tokens, _):
         x = modeling.embed(params, tokens[:, None])  # [B, 1, D]
@@ -242,11 +250,7 @@ def free_decode(
     """
     B = input_ids.shape[0]
     L, Ls = config.num_decoder_layers, exit_layer
-    encoder_output = modeling.encode(params, config, input_ids, attention_mask)
-    cache = modeling.init_decoder_cache(
-        params, config, encoder_output, attention_mask, max_new_tokens
-    )
-    params = modeling.fuse_for_decoding(params)
+    params, cache = _start_decoding(params, config, input_ids, attention_mask, max_new_tokens)
 
     def shallow_fn(cache, tokens, active):
         x = modeling.embed(params, tokens[:, None])  # [B, 1, D]
@@ -283,7 +287,7 @@ def free_decode(
         threshold,
         batch_size=B,
         hidden_size=config.d_model,
-        hidden_dtype=encoder_output.dtype,
+        hidden_dtype=params["shared"]["embedding"].dtype,
         max_new_tokens=max_new_tokens,
         buffer_capacity=buffer_capacity,
         start_id=config.decoder_start_token_id,
@@ -368,12 +372,8 @@ def prepare_inputs(
 
 
 def _check_lengths(max_new_tokens: Any, min_new_tokens: Any) -> None:
-    for name, value, low in (
-        ("max_new_tokens", max_new_tokens, 1),
-        ("min_new_tokens", min_new_tokens, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {value!r}.")
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    _check_int("min_new_tokens", min_new_tokens, 0)
     if min_new_tokens > max_new_tokens:
         raise InputError(
             f"min_new_tokens={min_new_tokens} exceeds max_new_tokens={max_new_tokens}."

@@ -50,12 +50,18 @@ class GreedyResult:
     cache: Any
 
 
-def suppress_eos(logits: Array, step: Array, *, eos_id: int, min_new_tokens: int) -> Array:
-    """Forbids EOS before `min_new_tokens` tokens exist. logits: [B, V]."""
+def suppress_eos(logits: Array, position: Array, *, eos_id: int, min_new_tokens: int) -> Array:
+    """Forbids EOS at output positions below `min_new_tokens`.
+
+    Args:
+      logits: [..., V].
+      position: the output position of each row of logits, broadcastable to `logits[..., 0]`
+        (a scalar step, per-row positions [B], or per-query positions [B, Q]).
+    """
     if min_new_tokens <= 0:
         return logits
-    blocked = step < min_new_tokens
-    return logits.at[:, eos_id].set(jnp.where(blocked, -jnp.inf, logits[:, eos_id]))
+    blocked = position < min_new_tokens
+    return logits.at[..., eos_id].set(jnp.where(blocked, -jnp.inf, logits[..., eos_id]))
 
 
 def greedy_search(

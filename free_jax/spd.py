@@ -58,6 +58,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from free_jax.search import suppress_eos
+
 Array = jax.Array
 MODES = ("default", "exact", "rollback")
 
@@ -147,15 +149,6 @@ def max_loop_steps(max_new_tokens: int, capacity: int, mode: str, max_wait: int 
     token, and passes come at least every K + 1 steps."""
     steps = max_new_tokens * (max_wait + 1)
     return steps if mode == "default" else steps * (capacity + 1)
-
-
-def _block_eos(logits: Array, positions: Array, eos_id: int, min_new_tokens: int) -> Array:
-    """Forbids EOS at absolute output positions below `min_new_tokens`. logits [..., V],
-    positions broadcastable to logits[..., 0]."""
-    if min_new_tokens <= 0:
-        return logits
-    blocked = positions < min_new_tokens
-    return logits.at[..., eos_id].set(jnp.where(blocked, -jnp.inf, logits[..., eos_id]))
 
 
 def _take(x: Array, index: Array) -> Array:
@@ -255,7 +248,7 @@ def spd_search(
         active = ~s.done
         stepping = active & ~s.waiting  # waiting rows hold their token and take no step
         logits, hidden, conf, cache = shallow_fn(s.cache, s.last_token, stepping)
-        logits = _block_eos(logits, s.position, eos_id, min_new_tokens)
+        logits = suppress_eos(logits, s.position, eos_id=eos_id, min_new_tokens=min_new_tokens)
         shallow_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
         exits = (conf > threshold) & (s.pending_count < K) & stepping
         if exact:  # never leave an unverified EOS or last token behind
@@ -340,7 +333,12 @@ def spd_search(
             def branch(cache):
                 hidden, cache = deep_fn(cache, queries[:, :q], num_new)  # [B, q, D]
                 if every_slot:
-                    logits = _block_eos(head_fn(hidden), positions[:, :q], eos_id, min_new_tokens)
+                    logits = suppress_eos(
+                        head_fn(hidden),
+                        positions[:, :q],
+                        eos_id=eos_id,
+                        min_new_tokens=min_new_tokens,
+                    )
                     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
                     margin = no_margin
                     if mode == "rollback":  # p_deep(argmax) - p_deep(draft), per slot
@@ -354,7 +352,9 @@ def spd_search(
                 # Only the current token's deep prediction is used: one head row per row.
                 at = jnp.minimum(count, q - 1)[:, None, None]
                 current = jnp.take_along_axis(hidden, at, axis=1)[:, 0]  # [B, D]
-                logits = _block_eos(head_fn(current), s.position, eos_id, min_new_tokens)
+                logits = suppress_eos(
+                    head_fn(current), s.position, eos_id=eos_id, min_new_tokens=min_new_tokens
+                )
                 token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
                 tokens = jnp.where(slots[None, :] == count[:, None], token[:, None], pad_id)
                 return tokens, no_margin, cache
