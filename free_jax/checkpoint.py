@@ -5,7 +5,9 @@ Formats `load` understands, by what the directory holds:
 * `free_jax.json` + `params/`: a checkpoint written by `save` (orbax, any dtype, sharded-ready).
 * `config.json` + weights: a Hugging Face T5 / mT5 directory, weights in `model.safetensors`,
   sharded safetensors (`model.safetensors.index.json`), or `pytorch_model.bin` (needs torch).
-  Tokenizer files (`spiece.model`, `tokenizer.json`, ...) are loaded when present.
+  Tokenizer files (`spiece.model`, `tokenizer.json`, ...) are loaded when present, and so are
+  the two files `export_hf` adds for FREE: `free_jax_metadata.json` (`Model.metadata`, e.g. the
+  exit layer and threshold training chose) and `exit_classifier.safetensors` (the "meta" head).
 * Anything else that is not a directory is taken as a hub name and downloaded with
   `huggingface_hub` (weights and tokenizer only), which needs a network.
 """
@@ -24,12 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from free_jax import convert, modeling
+from free_jax import convert, exit_classifier, modeling
 from free_jax.config import T5Config
 from free_jax.errors import CheckpointError, ConfigError
 from free_jax.model import Model
 
 FREE_JAX_META = "free_jax.json"
+# Beside a Hugging Face export: what the HF format has no place for.
+HF_EXTRA_METADATA = "free_jax_metadata.json"
+HF_EXTRA_CLASSIFIER = "exit_classifier.safetensors"
 _FORMAT_VERSION = 1
 _TOKENIZER_FILES = (
     "spiece.model",
@@ -256,7 +261,35 @@ def _load_hf_dir(path: Path, dtype: Any) -> Model:
     params, config = convert.hf_to_params(config, state, source=str(path))
     tokenizer = _load_tokenizer(path)
     _check_tokenizer(tokenizer, config, path)
-    return Model(config=config, params=_to_jax(params, dtype), tokenizer=tokenizer)
+    metadata = {}
+    if (path / HF_EXTRA_METADATA).is_file():
+        metadata = _read_json_object(path / HF_EXTRA_METADATA)
+    if (path / HF_EXTRA_CLASSIFIER).is_file():
+        params[exit_classifier.KEY] = _read_exit_classifier(path / HF_EXTRA_CLASSIFIER, config)
+    return Model(
+        config=config, params=_to_jax(params, dtype), tokenizer=tokenizer, metadata=metadata
+    )
+
+
+def _read_exit_classifier(file: Path, config: T5Config) -> dict[str, Any]:
+    """The "meta" head saved by `export_hf` (flat `hidden.kernel`-style names), shape-checked."""
+    flat = _read_safetensors(file)
+    expected = jax.eval_shape(
+        lambda: exit_classifier.init_exit_classifier(config, jax.random.key(0))
+    )
+    tree: dict[str, Any] = {}
+    for layer, entries in expected.items():
+        tree[layer] = {}
+        for name, shape in entries.items():
+            key = f"{layer}.{name}"
+            if key not in flat or flat[key].shape != shape.shape:
+                found = flat[key].shape if key in flat else "missing"
+                raise CheckpointError(
+                    f"{file}: exit classifier tensor {key!r} should have shape {shape.shape}, "
+                    f"found {found}."
+                )
+            tree[layer][name] = flat[key]
+    return tree
 
 
 def _check_tokenizer(tokenizer: Any, config: T5Config, path: Path) -> None:
@@ -285,6 +318,18 @@ def export_hf(model: Model, path: str | os.PathLike) -> Path:
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(path))
+    # transformers ignores these two; `load` reads them back.
+    if model.metadata:
+        with open(path / HF_EXTRA_METADATA, "w") as f:
+            json.dump(model.metadata, f, indent=2, sort_keys=True, allow_nan=False)
+    if exit_classifier.has_exit_classifier(model.params):
+        head = model.params[exit_classifier.KEY]
+        flat = {
+            f"{layer}.{name}": np.asarray(value, np.float32)
+            for layer, entries in head.items()
+            for name, value in entries.items()
+        }
+        save_file(flat, str(path / HF_EXTRA_CLASSIFIER))
     return path
 
 
@@ -300,7 +345,8 @@ def save(
       model: the model to save.
       path: the directory to write: a new one, or an existing empty one. Never overwritten: an
         existing non-empty directory (an earlier checkpoint, say) raises `CheckpointError`.
-      metadata: extra JSON-serialisable entries kept beside the config (e.g. FREE settings).
+      metadata: extra JSON-serialisable entries kept beside the config (e.g. FREE settings
+        under "free"); default `model.metadata`. `load` returns them as `Model.metadata`.
 
     Returns:
       The absolute checkpoint directory.
@@ -318,7 +364,8 @@ def save(
         "format_version": _FORMAT_VERSION,
         "config": dataclasses.asdict(model.config),
         "dtype": str(jnp.dtype(model.dtype)),
-        "metadata": dict(metadata or {}),
+        "metadata": dict(model.metadata if metadata is None else metadata),
+        "exit_classifier": exit_classifier.has_exit_classifier(model.params),
     }
     # Serialised before anything is written, so bad metadata leaves no half-written directory.
     try:
@@ -367,6 +414,10 @@ def _load_free_jax(path: Path, dtype: Any) -> Model:
             f"{_FORMAT_VERSION}); upgrade free_jax."
         )
     target = modeling.param_shapes(config, stored_dtype)
+    if meta.get("exit_classifier", False):
+        target[exit_classifier.KEY] = jax.eval_shape(
+            lambda: exit_classifier.init_exit_classifier(config, jax.random.key(0), stored_dtype)
+        )
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(path.absolute() / "params", target)
@@ -375,4 +426,6 @@ def _load_free_jax(path: Path, dtype: Any) -> Model:
     if dtype is not None:
         params = modeling.cast_params(params, dtype)
     tokenizer = _load_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
-    return Model(config=config, params=params, tokenizer=tokenizer)
+    return Model(
+        config=config, params=params, tokenizer=tokenizer, metadata=meta.get("metadata", {})
+    )

@@ -4,6 +4,9 @@ Methods:
 
 * "full": every token runs all L decoder blocks (the speed-up denominator).
 * "static": every token exits after block `exit_layer`.
+* "calm": the CALM baseline (`free_jax.calm`): each token exits at the first block from
+  `exit_layer` up whose confidence beats a position-decaying threshold; skipped blocks get their
+  K/V by state copying.
 * "oracle" (analysis): full-model tokens, each labelled with the shallowest exit whose
   prediction already equals the full model's (`DecodeOutput.exit_layer`).
 * "free": FREE's shallow-deep module with synchronized parallel decoding (`free_jax.spd`): a token
@@ -30,13 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from free_jax import modeling, spd
+from free_jax import calm, exit_classifier, modeling, spd
 from free_jax.config import T5Config
 from free_jax.errors import InputError
 from free_jax.model import Model, check_token_ids
 from free_jax.search import greedy_search
 
-METHODS = ("full", "static", "free", "oracle")
+METHODS = ("full", "static", "free", "calm", "oracle")
 CONFIDENCES = ("softmax_diff", "softmax_max", "state_cosine", "meta")
 MODES = spd.MODES
 # Source lengths are padded up to a multiple of this (masked), so a stream of inputs of varying
@@ -57,12 +60,15 @@ class DecodeOutput:
       exited: bool[B, T] the token was emitted from the early exit (after `exit_layer` blocks).
       exit_layer: int32[B, T] decoder blocks the token's prediction came from (0 beyond a row's
         length).
-      confidence: float32[B, T] the shallow confidence that decided the token ("free"; NaN
-        for methods that decide nothing).
+      confidence: float32[B, T] the confidence that decided the token ("free": the shallow
+        exit's; "calm": the exit's, or for tokens that ran every block the last one measured;
+        NaN for methods that decide nothing).
       agree: int8[B, T] for calibration ("free"): 1 / 0 when a deep pass saw the token and its
         shallow and deep argmaxes agreed / disagreed, -1 when no deep pass saw it.
-      num_deep_passes: deep passes the batch took ("free"; for "full" every step is one).
-      deep_pass_tokens: int32[num_deep_passes] positions each deep pass processed, over all rows.
+      num_deep_passes: deep passes the batch took ("free"; for "full" every step is one; for
+        "calm" the steps at which some row ran every block).
+      deep_pass_tokens: int32[num_deep_passes] positions each deep pass processed, over all rows
+        ("calm": rows that ran every block at that step).
     """
 
     tokens: np.ndarray
@@ -244,7 +250,8 @@ def free_decode(
       exit_layer: L_s, the shallow model's depth, in [1, L - 1].
       buffer_capacity: K, exited tokens a row may queue before a deep pass is forced.
       mode: "default", "exact" or "rollback" (see `free_jax.spd`).
-      confidence: "softmax_diff", "softmax_max" or "state_cosine".
+      confidence: "softmax_diff", "softmax_max", "state_cosine" or "meta" (needs
+        `params["exit_classifier"]`).
       record_agreement: record the shallow/deep agreement of pending tokens too (costs the deep
         exit head on every position of a deep pass; exact mode has it anyway).
     """
@@ -266,6 +273,9 @@ def free_decode(
         )
         hidden = out.hidden[:, 0]  # [B, D]
         logits = modeling.exit_head(params, config, hidden)
+        if confidence == "meta":
+            score = exit_classifier.exit_classifier_confidence(params, config, hidden)
+            return logits, hidden, score, out.cache
         states = ()
         if confidence == "state_cosine":
             before = out.block_states[-2][:, 0] if Ls > 1 else x[:, 0]
@@ -407,6 +417,13 @@ def _check_threshold(threshold: Any, confidence: str) -> jax.Array:
     return jnp.asarray(value)
 
 
+def free_settings(model: Model) -> dict[str, Any]:
+    """The FREE settings a checkpoint was saved with (`exit_layer`, `threshold`, `confidence`),
+    from `Model.metadata["free"]`; empty when it has none."""
+    settings = model.metadata.get("free", {}) if model.metadata else {}
+    return {k: settings[k] for k in ("exit_layer", "threshold", "confidence") if k in settings}
+
+
 def default_exit_layer(config: T5Config) -> int:
     """L_s when none is given: a quarter of the decoder (the paper's 6 of 24), at least 1."""
     return max(1, config.num_decoder_layers // 4)
@@ -422,13 +439,14 @@ def decode(
     attention_mask: Any = None,
     truncate: bool = False,
     exit_layer: int | None = None,
-    threshold: Any = 0.9,
-    confidence: str = "softmax_diff",
+    threshold: Any = None,
+    confidence: str | None = None,
     buffer_capacity: int = 8,
     mode: str = "default",
     record_agreement: bool = False,
     rollback_margin: float = 0.1,
     max_wait: int = 0,
+    calm_tau: float | None = calm.DEFAULT_TAU,
 ) -> DecodeOutput:
     """Greedy decoding with the chosen method.
 
@@ -436,8 +454,10 @@ def decode(
       model: the model.
       inputs: int[B, S] source token ids, or a string / list of strings (needs a tokenizer).
       method: "full" (all decoder blocks), "static" (every token exits after `exit_layer`
-        blocks), "free" (FREE's shallow-deep module with synchronized parallel decoding) or
-        "oracle" (full-model tokens labelled with the shallowest exit that predicts each).
+        blocks), "free" (FREE's shallow-deep module with synchronized parallel decoding),
+        "calm" (CALM: exit at the first confident block from `exit_layer` up, state copying
+        for the skipped blocks) or "oracle" (full-model tokens labelled with the shallowest
+        exit that predicts each).
       max_new_tokens: tokens to generate at most per row (the decode cache size), >= 1.
       min_new_tokens: EOS is suppressed until this many tokens exist (benchmarks use
         `min_new_tokens = max_new_tokens` to fix the work done).
@@ -445,13 +465,19 @@ def decode(
       truncate: cut inputs longer than the model's `max_source_length` with a warning instead of
         raising.
       exit_layer: "static" and "free": decoder blocks of the early exit, L_s; in [1, L] for
-        "static", [1, L - 1] for "free"; default `default_exit_layer` (L // 4).
-      threshold: "free": a token exits when its confidence is strictly greater; a float or a
+        "static", [1, L - 1] for "free". "calm": the shallowest block a token may exit after,
+        in [1, L - 1]. Default: the checkpoint's FREE metadata (`Model.metadata`) when it has
+        one, else `default_exit_layer` (L // 4).
+      threshold: "free" and "calm": a token exits when its confidence is strictly greater
+        ("calm" first decays it with the position, see `free_jax.calm`); a float or a
         float32 scalar array (traced: changing it does not recompile), or a
-        `free_jax.ThresholdEstimator`: its current threshold is used, agreement data are
-        recorded, and each row is then added to it as one input (it refits on its schedule).
-      confidence: "free": "softmax_diff" (default), "softmax_max" or "state_cosine"; "meta"
-        needs a checkpoint with a trained exit classifier.
+        `free_jax.ThresholdEstimator` ("free" only): its current threshold is used, agreement
+        data are recorded, and each row is then added to it as one input (it refits on its
+        schedule). Default: the checkpoint's FREE metadata, else 0.9.
+      confidence: "free" and "calm": "softmax_diff" (top-1 minus top-2 probability),
+        "softmax_max", "state_cosine" (cosine of the residual stream before and after the
+        exit's last block) or "meta" (the trained exit classifier; needs a model that has one).
+        Default: the checkpoint's FREE metadata, else "softmax_diff".
       buffer_capacity: "free": K >= 1, exited tokens a row may queue before a deep pass is
         forced.
       mode: "free": "default" (the paper), "exact" (output identical to "full") or
@@ -460,6 +486,8 @@ def decode(
       max_wait: "free", batches: steps a row that needs the deep model may wait while other rows
         advance, so that one deep pass serves several rows (0: never wait). Changes when deep
         passes happen, not the tokens.
+      calm_tau: "calm": the threshold decay's temperature τ; None keeps the threshold
+        constant.
       record_agreement: "free": also record whether the shallow and deep predictions of pending
         tokens agree (`DecodeOutput.agree`, the threshold estimator's data); it costs the deep
         exit head on every position of a deep pass. Without it, only the tokens that went deep
@@ -473,21 +501,45 @@ def decode(
     if method not in METHODS:
         raise InputError(f"method={method!r} is not known; valid methods: {METHODS}.")
     _check_lengths(max_new_tokens, min_new_tokens)
+    saved = free_settings(model)
     estimator = None
-    if method in ("static", "free"):
+    if method in ("static", "free", "calm"):
         high = L if method == "static" else L - 1
         if high < 1:
-            raise InputError(f"method='free' needs at least 2 decoder blocks; this model has {L}.")
-        exit_layer = default_exit_layer(config) if exit_layer is None else exit_layer
+            raise InputError(
+                f"method={method!r} needs at least 2 decoder blocks; this model has {L}."
+            )
+        if exit_layer is None:
+            exit_layer = saved.get("exit_layer", default_exit_layer(config))
         exit_layer = _check_int("exit_layer", exit_layer, 1, high)
-    if method == "free":
+    if method in ("free", "calm"):
+        threshold = saved.get("threshold", 0.9) if threshold is None else threshold
+        confidence = saved.get("confidence", "softmax_diff") if confidence is None else confidence
         if confidence not in CONFIDENCES:
             raise InputError(f"confidence={confidence!r} is not known; valid: {CONFIDENCES}.")
-        if confidence == "meta":
+        if confidence == "meta" and not exit_classifier.has_exit_classifier(model.params):
             raise InputError(
-                "confidence='meta' needs a checkpoint with a trained exit classifier head, and "
-                "this model has none; use 'softmax_diff', 'softmax_max' or 'state_cosine'."
+                "confidence='meta' needs a model with a trained exit classifier head "
+                f"(params[{exit_classifier.KEY!r}]), and this model has none; train one "
+                "(free_jax.training, objective 'meta') or use 'softmax_diff', 'softmax_max' or "
+                "'state_cosine'."
             )
+    if method == "calm":
+        if not isinstance(threshold, int | float | np.ndarray | np.generic | jax.Array):
+            raise InputError(
+                f"method='calm' takes a number or a float32 array as threshold, got "
+                f"{type(threshold).__name__}; the adaptive ThresholdEstimator is for 'free'."
+            )
+        threshold = _check_threshold(threshold, confidence)
+        if calm_tau is not None:
+            tau_ok = isinstance(calm_tau, int | float) and not isinstance(calm_tau, bool)
+            if not tau_ok or not np.isfinite(calm_tau) or calm_tau < 0:
+                raise InputError(
+                    f"calm_tau must be a finite number >= 0 (or None for no decay), got "
+                    f"{calm_tau!r}."
+                )
+            calm_tau = float(calm_tau)
+    if method == "free":
         if mode not in MODES:
             raise InputError(f"mode={mode!r} is not known; valid modes: {MODES}.")
         buffer_capacity = _check_int("buffer_capacity", buffer_capacity, 1)
@@ -506,7 +558,19 @@ def decode(
         threshold = _check_threshold(threshold, confidence)
     ids, mask = prepare_inputs(model, inputs, attention_mask, truncate=truncate)
     lengths_kw = dict(max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens))
-    if method == "free":
+    if method == "calm":
+        result = calm.calm_decode(
+            model.params,
+            ids,
+            mask,
+            threshold,
+            config=config,
+            min_layer=exit_layer,
+            confidence=confidence,
+            tau=calm_tau,
+            **lengths_kw,
+        )
+    elif method == "free":
         result = free_decode(
             model.params,
             ids,
@@ -584,6 +648,15 @@ def _to_output(
         passes = int(passes)
         pass_tokens = pass_tokens[:passes]
         layer = np.where(exited, exit_layer, L)
+    elif method == "calm":
+        layer, confidence, passes, pass_tokens = jax.device_get(
+            (result.exit_layer, result.confidence, result.num_deep_passes, result.pass_tokens)
+        )
+        exited = (layer < L) & generated
+        confidence = np.where(generated, confidence, np.nan).astype(np.float32)
+        agree = np.full((B, T), -1, np.int8)
+        passes = int(passes)
+        pass_tokens = pass_tokens[:passes]
     else:
         depth = L if method == "full" else exit_layer
         exited = np.full((B, T), method == "static") & generated

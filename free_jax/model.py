@@ -23,11 +23,15 @@ class Model:
       config: the architecture.
       params: the parameter pytree (layout in `free_jax.modeling`).
       tokenizer: a `transformers` tokenizer, or None when the checkpoint has none.
+      metadata: what the checkpoint was saved with besides the weights (`free_jax.save`'s
+        `metadata`); under "free", the FREE settings training chose (`exit_layer`,
+        `confidence`, `threshold`), which `free_jax.decode` uses as its defaults.
     """
 
     config: T5Config
     params: modeling.Params
     tokenizer: Any = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def dtype(self) -> Any:

@@ -423,6 +423,55 @@ def decoder_blocks(
     )
 
 
+def copy_state_kv(
+    params: Params,
+    config: T5Config,
+    cache: DecoderCache,
+    hidden: Array,
+    *,
+    start: int,
+    stop: int,
+    num_new: Array | None = None,
+) -> DecoderCache:
+    """CALM's state copying: blocks `[start, stop)` get K/V projected from one copied state.
+
+    A token that exits early skips the blocks above its exit, but later tokens attend to those
+    blocks' K/V at its position. State copying fills them from the exit's hidden state: each
+    skipped block's keys and values are its own projections of `hidden` (after the block's
+    pre-attention norm), as if the state had passed through the skipped blocks unchanged. Only
+    the K/V projections run; no attention, no feed-forward.
+
+    Args:
+      hidden: [B, Q, D] the exit's residual stream at the Q new positions.
+      start, stop: static block range, 0 <= start <= stop <= L.
+      num_new: int32[B], real positions per row (default: all Q).
+    """
+    B, Q, _ = hidden.shape
+    if num_new is None:
+        num_new = jnp.full((B,), Q, jnp.int32)
+    inner = config.inner_dim
+    valid = jnp.arange(Q)[None, :] < num_new[:, None]  # [B, Q]
+    layers = list(cache.layers)
+    for i in range(start, stop):
+        block = params["decoder"]["blocks"][i]
+        h = rms_norm(hidden, block["self_attn_norm"], config.layer_norm_epsilon)
+        sa = block["self_attn"]
+        if "qkv" in sa:  # decode layout: skip the query third of the fused kernel
+            k, v = jnp.split(h @ sa["qkv"][:, inner:], 2, axis=-1)
+        else:
+            k, v = h @ sa["k"], h @ sa["v"]
+        positions = layers[i].length[:, None] + jnp.arange(Q, dtype=jnp.int32)[None, :]
+        layers[i] = write_positions(
+            layers[i],
+            _split_heads(k, config),
+            _split_heads(v, config),
+            positions,
+            valid,
+            num_new,
+        )
+    return cache.replace(layers=tuple(layers))
+
+
 def exit_head(params: Params, config: T5Config, hidden: Array) -> Array:
     """The exit shared by every block: final RMS norm, the v1.0 rescale, the LM head.
 

@@ -6,6 +6,7 @@ helpers (`make_hf_checkpoint`) need torch and are used only by parity tests.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import os
@@ -13,9 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from free_jax import exit_classifier
 from free_jax.config import T5Config
 from free_jax.model import Model
 
@@ -73,6 +76,12 @@ def tiny_model(
 ) -> Model:
     """A randomly initialised tiny model (see `tiny_config`)."""
     return Model.random(tiny_config(variant, **overrides), seed, dtype=dtype, tokenizer=tokenizer)
+
+
+def with_exit_classifier(model: Model, seed: int = 0) -> Model:
+    """`model` with a randomly initialised "meta" exit classifier head (see `exit_classifier`)."""
+    head = exit_classifier.init_exit_classifier(model.config, jax.random.key(seed), model.dtype)
+    return dataclasses.replace(model, params={**model.params, exit_classifier.KEY: head})
 
 
 def random_ids(

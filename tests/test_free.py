@@ -243,7 +243,7 @@ def small():
         (dict(threshold=[0.1, 0.2]), r"threshold must be a scalar"),
         (dict(buffer_capacity=0), r"buffer_capacity must be an integer >= 1, got 0"),
         (dict(confidence="entropy"), r"confidence='entropy' is not known; valid: \("),
-        (dict(confidence="meta"), r"needs a checkpoint with a trained exit classifier"),
+        (dict(confidence="meta"), r"confidence=.meta. needs a model with a trained exit"),
         (dict(mode="speculative"), r"mode='speculative' is not known; valid modes: \('default'"),
         (
             dict(mode="rollback", rollback_margin=1.5),
