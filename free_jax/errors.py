@@ -10,4 +10,8 @@ class CheckpointError(ValueError):
 
 
 class InputError(ValueError):
-    """An argument to `decode`/`forward` is invalid; the message names it and what is valid."""
+    """An argument to a free_jax function is invalid; the message names it and what is valid."""
+
+
+class DataError(ValueError):
+    """A data file or dataset is missing, unreadable, lacks a field, or cannot be downloaded."""
