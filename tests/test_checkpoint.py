@@ -266,6 +266,55 @@ def test_load_free_jax_checkpoint_with_dtype_casts(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(loaded.params)} == {jnp.dtype(jnp.bfloat16)}
 
 
+def _same_params(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("fmt", ["free_jax", "hf"])
+def test_exit_classifier_and_free_settings_survive_a_round_trip(fmt, tmp_path):
+    """A trained FREE model keeps its meta head and settings, and decode defaults to them."""
+    import dataclasses
+
+    model = testing.with_exit_classifier(testing.tiny_model("v1.1", seed=2), seed=3)
+    settings = {"free": {"exit_layer": 3, "threshold": 0.4, "confidence": "meta"}}
+    model = dataclasses.replace(model, metadata=settings)
+    if fmt == "free_jax":
+        path = free_jax.save(model, tmp_path / "ckpt")
+        assert read_metadata(path) == settings
+    else:
+        path = free_jax.export_hf(model, tmp_path / "hf")
+        # transformers still reads the export; the extra files are ours.
+        transformers.T5ForConditionalGeneration.from_pretrained(path)
+    loaded = free_jax.load(path)
+    assert loaded.metadata == settings
+    _same_params(loaded.params, model.params)
+    ids = testing.random_ids((2, 6), seed=1)
+    out = free_jax.decode(loaded, ids, method="free", max_new_tokens=5)
+    explicit = free_jax.decode(
+        loaded,
+        ids,
+        method="free",
+        max_new_tokens=5,
+        exit_layer=3,
+        threshold=0.4,
+        confidence="meta",
+    )
+    np.testing.assert_array_equal(out.tokens, explicit.tokens)
+    assert set(np.unique(out.exit_layer[out.exited])) <= {3}
+
+
+def test_exit_classifier_of_the_wrong_shape_is_rejected(tmp_path):
+    model = testing.with_exit_classifier(testing.tiny_model("v1.1"))
+    path = free_jax.export_hf(model, tmp_path / "hf")
+    head = load_file(str(path / "exit_classifier.safetensors"))
+    head["out.kernel"] = np.zeros((5, 2), np.float32)
+    save_file(head, str(path / "exit_classifier.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'out.kernel' should have shape \(32, 2\)"):
+        free_jax.load(path)
+
+
 def test_save_never_overwrites_an_existing_checkpoint(tmp_path):
     first, second = testing.tiny_model("v1.1", seed=0), testing.tiny_model("v1.1", seed=1)
     path = free_jax.save(first, tmp_path / "ckpt", metadata={"run": 1})
