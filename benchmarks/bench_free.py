@@ -113,7 +113,7 @@ def bench_batch(B: int, model, args, records: list) -> None:
     c_full, c_s = t_full / T, t_static / T
     c_d = c_full - c_s
 
-    def free(threshold, K, mode="default", max_wait=0):
+    def free(threshold, K, mode="default", max_wait=0, wait_mode="hold"):
         return decoding.free_decode(
             params,
             ids,
@@ -123,6 +123,7 @@ def bench_batch(B: int, model, args, records: list) -> None:
             buffer_capacity=K,
             mode=mode,
             max_wait=max_wait,
+            wait_mode=wait_mode,
             **common,
         )
 
@@ -167,8 +168,8 @@ def bench_batch(B: int, model, args, records: list) -> None:
     )
     print("|---" * 13 + "|")
 
-    def row(mode, K, target, threshold, max_wait=0):
-        out, t, _ = timed(lambda: free(threshold, K, mode, max_wait), args.repeats)
+    def row(mode, K, target, threshold, max_wait=0, wait_mode="hold"):
+        out, t, _ = timed(lambda: free(threshold, K, mode, max_wait, wait_mode), args.repeats)
         exited = np.asarray(out.exited)
         rate = float(exited.mean())
         passes = int(out.num_deep_passes)
@@ -186,6 +187,7 @@ def bench_batch(B: int, model, args, records: list) -> None:
             mode=mode,
             K=K,
             max_wait=max_wait,
+            wait_mode=wait_mode,
             target=target,
             threshold=float(threshold),
             exit_rate=rate,
@@ -201,7 +203,7 @@ def bench_batch(B: int, model, args, records: list) -> None:
         )
         records.append(rec)
         print(
-            f"| {mode} | {K} | {max_wait} | {target:.2f} | "
+            f"| {mode} | {K} | {max_wait} {wait_mode if max_wait else ''} | {target:.2f} | "
             f"{threshold:.4f} | {rate:.2f} | {passes} | {t / T * 1e3:.2f} | "
             f"{speedup:.2f} | {ideal:.2f} | {speedup / ideal:.0%} | {ideal_pass:.2f} | "
             f"{speedup / ideal_pass:.0%} |",
@@ -218,7 +220,9 @@ def bench_batch(B: int, model, args, records: list) -> None:
     for r in args.rates:
         threshold = calibrate(r)
         for wait in args.waits:
-            row("default", args.capacity, r, threshold, max_wait=wait)
+            for wait_mode in args.wait_modes if wait else ("hold",):
+                for mode in args.threshold_modes:
+                    row(mode, args.capacity, r, threshold, max_wait=wait, wait_mode=wait_mode)
 
 
 def main(argv=None) -> int:
@@ -232,6 +236,12 @@ def main(argv=None) -> int:
     parser.add_argument("--capacity", type=int, default=8, help="K for the threshold rows")
     parser.add_argument(
         "--waits", type=int, nargs="+", default=[0], help="max_wait values for threshold rows"
+    )
+    parser.add_argument(
+        "--wait-modes", nargs="+", default=["hold"], choices=spd.WAIT_MODES, help="with --waits"
+    )
+    parser.add_argument(
+        "--threshold-modes", nargs="+", default=["default"], help="modes for threshold rows"
     )
     parser.add_argument("--skip-k-sweep", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)

@@ -223,6 +223,7 @@ def confidence_score(name: str, logits: jax.Array, states: tuple[jax.Array, ...]
         "record_agreement",
         "rollback_margin",
         "max_wait",
+        "wait_mode",
     ),
 )
 def free_decode(
@@ -241,6 +242,7 @@ def free_decode(
     record_agreement: bool = False,
     rollback_margin: float = 0.1,
     max_wait: int = 0,
+    wait_mode: str = "hold",
 ) -> spd.SpdResult:
     """FREE decoding, jitted; `threshold` is traced (a float32 scalar), so it never recompiles.
 
@@ -308,6 +310,7 @@ def free_decode(
         record_agreement=record_agreement,
         rollback_margin=rollback_margin,
         max_wait=max_wait,
+        wait_mode=wait_mode,
     )
 
 
@@ -446,6 +449,7 @@ def decode(
     record_agreement: bool = False,
     rollback_margin: float = 0.1,
     max_wait: int = 0,
+    wait_mode: str = "hold",
     calm_tau: float | None = calm.DEFAULT_TAU,
 ) -> DecodeOutput:
     """Greedy decoding with the chosen method.
@@ -486,6 +490,9 @@ def decode(
       max_wait: "free", batches: steps a row that needs the deep model may wait while other rows
         advance, so that one deep pass serves several rows (0: never wait). Changes when deep
         passes happen, not the tokens.
+      wait_mode: how a row waits: "hold" (it stalls until the pass) or "draft" (it goes on
+        from its shallow guess, which the pass verifies; a rejected guess and what followed are
+        redone). Not "draft" with mode="rollback". See `free_jax.spd`.
       calm_tau: "calm": the threshold decay's temperature τ; None keeps the threshold
         constant.
       record_agreement: "free": also record whether the shallow and deep predictions of pending
@@ -544,6 +551,13 @@ def decode(
             raise InputError(f"mode={mode!r} is not known; valid modes: {MODES}.")
         buffer_capacity = _check_int("buffer_capacity", buffer_capacity, 1)
         max_wait = _check_int("max_wait", max_wait, 0)
+        if wait_mode not in spd.WAIT_MODES:
+            raise InputError(f"wait_mode={wait_mode!r} is not known; valid: {spd.WAIT_MODES}.")
+        if wait_mode == "draft" and mode == "rollback":
+            raise InputError(
+                "wait_mode='draft' works with mode='default' or 'exact', not 'rollback' (whose "
+                "output depends on when deep passes run); use wait_mode='hold'."
+            )
         margin_ok = isinstance(rollback_margin, int | float) and not isinstance(
             rollback_margin, bool
         )
@@ -584,6 +598,7 @@ def decode(
             record_agreement=bool(record_agreement),
             rollback_margin=float(rollback_margin),
             max_wait=max_wait,
+            wait_mode=wait_mode,
             **lengths_kw,
         )
     elif method == "static":

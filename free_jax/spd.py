@@ -43,7 +43,19 @@ step when exits are not in lockstep, so the naive rule takes a deep pass nearly 
 `max_wait`, a row that needs the deep model holds its current shallow state and *waits* (takes no
 steps) while the other rows advance; the pass runs when a waiting row has waited `max_wait` steps
 or no row can advance, and then serves every waiting row at once. Waiting changes when passes
-happen, never what a row emits.
+happen, never what a row emits. Two ways to wait (`wait_mode`):
+
+* "hold": the row stalls: it holds its current token and takes no steps until the pass.
+* "draft": the row does not stall. It emits its shallow argmax as a *draft*, queues the state
+  flagged for verification, and keeps decoding from the draft; the pass (at the latest `max_wait`
+  steps after the row's oldest draft) verifies the drafts like exact mode does: the first one the
+  deep prediction disagrees with is replaced by it and everything after is discarded. Since the deep
+  prediction of a draft's position depends only on the accepted prefix, the output is the same as
+  without waiting; the buffer rule ("K exits in a row force the next token deep") counts exits
+  since the row's last deep-decided token, as without waiting, and the buffer itself holds up to
+  K + max_wait + 1 states. A row taking part in a pass only to verify keeps its current decision
+  (an exit stays an exit, now flushed), and a row never finishes with an unverified draft. Not
+  with "rollback", whose output depends on which pending tokens passes see.
 
 Every deep pass also yields calibration data for the threshold estimator: for each token it saw,
 whether the shallow and deep argmaxes agree, next to the token's shallow confidence.
@@ -62,6 +74,7 @@ from free_jax.search import suppress_eos
 
 Array = jax.Array
 MODES = ("default", "exact", "rollback")
+WAIT_MODES = ("hold", "draft")
 
 ShallowFn = Callable[[Any, Array, Array], tuple[Array, Array, Array, Any]]
 DeepFn = Callable[[Any, Array, Array], tuple[Array, Any]]
@@ -80,6 +93,9 @@ class SpdState:
       last_token: int32[B] the row's next input token.
       pending_hidden: [B, K, D] shallow states of the row's exited tokens, oldest first.
       pending_count: int32[B] how many of them are real; the deep cache lags by this much.
+      pending_draft: bool[B, K] the pending token is an unverified draft ("draft" waiting).
+      free_run: int32[B] exits since the row's last deep-decided token ("draft" waiting: the
+        count the buffer rule applies to; otherwise it equals `pending_count`).
       tokens: int32[B, T] emitted tokens, padding beyond `position`.
       exited: bool[B, T] the token was emitted from the shallow exit.
       confidence: float32[B, T] the shallow confidence that decided each token.
@@ -87,8 +103,9 @@ class SpdState:
         not agree with the deep one; -1 when no deep pass saw it (or, without
         `record_agreement`, when it was a pending token).
       done: bool[B] the row emitted EOS or filled T tokens (monotonic).
-      waiting: bool[B] the row needs the deep model and holds its current token for a pass.
-      waited: int32[B] steps the row has waited.
+      waiting: bool[B] the row needs the deep model and holds its current token for a pass
+        ("hold" waiting).
+      waited: int32[B] steps the row has waited ("hold") or has had drafts ("draft").
       held_hidden: [B, D] a waiting row's current shallow state. held_token: int32[B] its
         shallow argmax.
       num_deep_passes: int32[] deep passes taken.
@@ -102,6 +119,8 @@ class SpdState:
     last_token: Array
     pending_hidden: Array
     pending_count: Array
+    pending_draft: Array
+    free_run: Array
     tokens: Array
     exited: Array
     confidence: Array
@@ -186,6 +205,7 @@ def spd_search(
     record_agreement: bool = False,
     rollback_margin: float = 0.0,
     max_wait: int = 0,
+    wait_mode: str = "hold",
 ) -> SpdResult:
     """FREE's synchronized parallel greedy decoding in one `lax.while_loop`.
 
@@ -206,15 +226,26 @@ def spd_search(
         back when p_deep(deep argmax) - p_deep(token) exceeds it.
       max_wait: steps a row needing the deep model may wait for others (0: never; see the module
         docstring).
+      wait_mode: "hold" or "draft", how a row waits (see the module docstring).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; valid: {MODES}.")
-    B, T, K, D = batch_size, max_new_tokens, buffer_capacity, hidden_size
+    if wait_mode not in WAIT_MODES:
+        raise ValueError(f"wait_mode={wait_mode!r}; valid: {WAIT_MODES}.")
+    if wait_mode == "draft" and mode == "rollback":
+        # Rollback checks whatever pending tokens a pass sees, so its output depends on pass
+        # timing, which drafting changes; "hold" keeps it.
+        raise ValueError("wait_mode='draft' works with modes 'default' and 'exact' only.")
+    drafting = wait_mode == "draft" and max_wait > 0
+    B, T, D = batch_size, max_new_tokens, hidden_size
+    K_rule = buffer_capacity  # exits in a row before a token is forced deep
+    # Drafts and the exits after them share the buffer with the exits before them.
+    K = K_rule + max_wait + 1 if drafting else K_rule
     buckets = tuple(buckets or query_buckets(K))
     if buckets[-1] < K + 1:
         raise ValueError(f"the largest deep-pass size {buckets[-1]} is below K + 1 = {K + 1}.")
     exact = mode == "exact"
-    verify = mode in ("exact", "rollback")  # deep passes check the pending tokens
+    verify = mode in ("exact", "rollback") or drafting  # deep passes check pending tokens
     max_steps = max_loop_steps(T, K, mode, max_wait)
     threshold = jnp.asarray(threshold, jnp.float32)
     slots = jnp.arange(K + 1, dtype=jnp.int32)  # [K+1] pending slots, then the current token
@@ -226,6 +257,8 @@ def spd_search(
         last_token=jnp.full((B,), start_id, jnp.int32),
         pending_hidden=jnp.zeros((B, K, D), hidden_dtype),
         pending_count=jnp.zeros((B,), jnp.int32),
+        pending_draft=jnp.zeros((B, K), bool),
+        free_run=jnp.zeros((B,), jnp.int32),
         tokens=jnp.full((B, T), pad_id, jnp.int32),
         exited=jnp.zeros((B, T), bool),
         confidence=jnp.zeros((B, T), jnp.float32),
@@ -250,7 +283,8 @@ def spd_search(
         logits, hidden, conf, cache = shallow_fn(s.cache, s.last_token, stepping)
         logits = suppress_eos(logits, s.position, eos_id=eos_id, min_new_tokens=min_new_tokens)
         shallow_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
-        exits = (conf > threshold) & (s.pending_count < K) & stepping
+        run_length = s.free_run if drafting else s.pending_count
+        exits = (conf > threshold) & (run_length < K_rule) & stepping
         if exact:  # never leave an unverified EOS or last token behind
             exits &= (shallow_token != eos_id) & (s.position < T - 1)
         hidden = jnp.where(s.waiting[:, None], s.held_hidden, hidden.astype(hidden_dtype))
@@ -260,6 +294,34 @@ def spd_search(
         here = s.position[:, None]  # [B, 1]
         confidence = _put(s.confidence, here, conf[:, None], stepping[:, None])
         s = s.replace(cache=cache, confidence=confidence)
+        if drafting:
+            has_drafts = jnp.any(s.pending_draft, axis=1) & active
+            waited = jnp.where(has_drafts, s.waited + 1, 0)
+            finishing = (shallow_token == eos_id) | (s.position >= T - 1)
+            room = s.pending_count < K
+            can_draft = room & ~finishing
+            # A pass is due when a draft is old enough, a deep-decided token cannot be drafted,
+            # or a row with drafts would finish or overflow with them unverified.
+            go = (
+                jnp.any(has_drafts & (waited >= max_wait))
+                | jnp.any(needs_deep & ~can_draft)
+                | jnp.any(has_drafts & exits & (finishing | ~room))
+            )
+
+            def wait():
+                t = _push(s, hidden, active, draft=needs_deep)
+                t = _emit(t, shallow_token, active, exited=exits)
+                return t.replace(
+                    waited=waited,
+                    free_run=jnp.where(exits, s.free_run + 1, jnp.where(active, 0, s.free_run)),
+                    step=t.step + 1,
+                )
+
+            def deep():
+                t = _deep_step(s, hidden, shallow_token, exits, needs_deep, has_drafts)
+                return t.replace(waited=jnp.zeros_like(waited))
+
+            return jax.lax.cond(go, deep, wait)
         if max_wait > 0:
             waited = jnp.where(s.waiting, s.waited + 1, 0)
             stuck = ~jnp.any(exits)  # no row can advance without the deep model
@@ -278,7 +340,8 @@ def spd_search(
             )
 
         def deep():
-            t = _deep_step(s, hidden, shallow_token, exits, needs_deep)
+            no_drafts = jnp.zeros_like(exits)
+            t = _deep_step(s, hidden, shallow_token, exits, needs_deep, no_drafts)
             return t.replace(waiting=jnp.zeros_like(s.waiting), waited=jnp.zeros_like(waited))
 
         return jax.lax.cond(go, deep, wait)
@@ -295,14 +358,20 @@ def spd_search(
             done=done,
         )
 
-    def _push(s: SpdState, hidden: Array, where: Array) -> SpdState:
-        """Queues the current shallow state of rows `where` in their pending buffers."""
+    def _push(s: SpdState, hidden: Array, where: Array, draft: Array | None = None) -> SpdState:
+        """Queues the current shallow state of rows `where` in their pending buffers (flagged
+        as unverified drafts where `draft`)."""
         slot = (slots[:K] == s.pending_count[:, None]) & where[:, None]  # [B, K]
         pending = jnp.where(
             slot[..., None], hidden[:, None, :].astype(hidden_dtype), s.pending_hidden
         )
+        flags = s.pending_draft
+        if draft is not None:
+            flags = jnp.where(slot, draft[:, None], flags)
         return s.replace(
-            pending_hidden=pending, pending_count=s.pending_count + where.astype(jnp.int32)
+            pending_hidden=pending,
+            pending_count=s.pending_count + where.astype(jnp.int32),
+            pending_draft=flags,
         )
 
     def _shallow_step(s, hidden, shallow_token, exits):
@@ -310,9 +379,11 @@ def spd_search(
         s = _emit(s, shallow_token, exits, exited=jnp.ones_like(exits))
         return s.replace(step=s.step + 1)
 
-    def _deep_step(s, hidden, shallow_token, exits, needs_deep):
+    def _deep_step(s, hidden, shallow_token, exits, needs_deep, has_drafts):
         active = ~s.done
-        takes_part = active if exact else needs_deep  # [B]
+        takes_part = active if exact else needs_deep | has_drafts  # [B]
+        # The current token's own decision: deep, or (a row verifying drafts) a flushed exit.
+        current_is_deep = takes_part if exact else needs_deep
         count = s.pending_count
         num_new = jnp.where(takes_part, count + 1, 0)  # [B]
         # Queries: the pending states, then the current one at slot `count`.
@@ -386,12 +457,18 @@ def spd_search(
 
         # Verify: keep drafts up to the first rejected one, which the deep token replaces.
         wrong = (drafts != deep_tokens) & (slots[None, :] < count[:, None]) & takes_part[:, None]
+        checked = jnp.pad(s.pending_draft, ((0, 0), (0, 1)))  # [B, K+1] "draft" waiting's drafts
         if mode == "rollback":
-            wrong &= margin > rollback_margin
+            checked |= margin > rollback_margin
+        if not exact:
+            wrong &= checked
         rejected = jnp.any(wrong, axis=1)  # [B]
-        keep = jnp.where(rejected, jnp.argmax(wrong, axis=1), count)  # slot of the deep token
-        fix_at = first + keep  # [B] position that receives the deep token
+        keep = jnp.where(rejected, jnp.argmax(wrong, axis=1), count)  # slot of the new token
+        fix_at = first + keep  # [B] position that receives it
         token = jnp.take_along_axis(deep_tokens, keep[:, None], axis=1)[:, 0]
+        # Nothing rejected and the current token exits (verifying rows only): it stays shallow.
+        kept_exit = ~rejected & ~current_is_deep
+        token = jnp.where(kept_exit, shallow_token, token)
         # Clear everything after it (discarded drafts), write it, and roll the row back.
         later = jnp.arange(T)[None, :] > fix_at[:, None]
         clear = later & takes_part[:, None]
@@ -401,9 +478,13 @@ def spd_search(
             agree=jnp.where(clear, jnp.int8(-1), s.agree),
             confidence=jnp.where(clear, 0.0, s.confidence),
             pending_count=jnp.where(takes_part, 0, s.pending_count),
+            pending_draft=s.pending_draft & ~takes_part[:, None],
             position=jnp.where(takes_part, fix_at, s.position),
         )
-        s = _emit(s, token, takes_part, exited=jnp.zeros_like(takes_part))
+        s = _emit(s, token, takes_part, exited=kept_exit)
+        # A replaced token was decided deep: the buffer rule's count starts again after it.
+        free_run = jnp.where(exits, s.free_run + 1, jnp.where(active, 0, s.free_run))
+        s = s.replace(free_run=jnp.where(takes_part & rejected, 0, free_run))
         # Rows outside the pass (rollback mode only) exit as in the default mode.
         bystanders = active & ~takes_part
         s = _push(s, hidden, bystanders)

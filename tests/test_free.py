@@ -318,6 +318,13 @@ def test_waiting_rows_on_a_model(model, batch):
     np.testing.assert_array_equal(patient.tokens, eager.tokens)
     np.testing.assert_array_equal(patient.exited, eager.exited)
     assert patient.num_deep_passes <= eager.num_deep_passes
+    drafting = _free(model, batch, threshold, buffer_capacity=4, max_wait=3, wait_mode="draft")
+    np.testing.assert_array_equal(drafting.tokens, eager.tokens)
+    np.testing.assert_array_equal(drafting.exited, eager.exited)
+    with pytest.raises(InputError, match=r"wait_mode='sleep' is not known; valid: \('hold'"):
+        _free(model, batch, threshold, max_wait=1, wait_mode="sleep")
+    with pytest.raises(InputError, match=r"wait_mode='draft' works with mode='default' or"):
+        _free(model, batch, threshold, max_wait=1, wait_mode="draft", mode="rollback")
     with pytest.raises(InputError, match=r"max_wait must be an integer >= 0, got -1"):
         _free(model, batch, threshold, max_wait=-1)
 
