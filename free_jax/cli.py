@@ -1,8 +1,9 @@
 """The `free-jax` command line.
 
     free-jax decode [TEXT ...] [--model DIR_OR_HUB_NAME] [--ids "5 8 13"]
-                    [--method full|static|free] [--exit-layer N] [--threshold 0.9]
+                    [--method full|static|free|calm|oracle] [--exit-layer N] [--threshold 0.9]
                     [--confidence softmax_diff] [--buffer-capacity 8] [--mode default|exact]
+                    [--max-wait 0] [--wait-mode hold|draft] [--calm-tau 4]
                     [--max-new-tokens 32] [--dtype float32|bfloat16] [--json]
     free-jax fit-threshold agreement.npz [...]
 
@@ -51,10 +52,25 @@ def _decode_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--exit-layer", type=int, default=None, help="static/free: blocks of the early exit"
     )
-    parser.add_argument("--threshold", type=float, default=0.9, help="free: exit threshold")
-    parser.add_argument("--confidence", default="softmax_diff", help="free: confidence measure")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="free/calm: exit threshold (default: the checkpoint's, else 0.9)",
+    )
+    parser.add_argument(
+        "--confidence",
+        default=None,
+        help="free/calm: softmax_diff, softmax_max, state_cosine or meta (default: the "
+        "checkpoint's, else softmax_diff)",
+    )
     parser.add_argument("--buffer-capacity", type=int, default=8, help="free: pending buffer K")
-    parser.add_argument("--mode", default="default", help="free: default or exact")
+    parser.add_argument("--mode", default="default", help="free: default, exact or rollback")
+    parser.add_argument("--max-wait", type=int, default=0, help="free: steps a row may wait")
+    parser.add_argument("--wait-mode", default="hold", help="free: hold or draft")
+    parser.add_argument(
+        "--calm-tau", type=float, default=4.0, help="calm: threshold decay temperature"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--min-new-tokens", type=int, default=0)
     parser.add_argument("--dtype", default=None, choices=_DTYPES)
@@ -150,8 +166,17 @@ def run_decode(args: argparse.Namespace) -> int:
                 confidence=args.confidence,
                 buffer_capacity=args.buffer_capacity,
                 mode=args.mode,
+                max_wait=args.max_wait,
+                wait_mode=args.wait_mode,
             )
             if args.method == "free"
+            else dict(
+                exit_layer=args.exit_layer,
+                threshold=args.threshold,
+                confidence=args.confidence,
+                calm_tau=args.calm_tau,
+            )
+            if args.method == "calm"
             else {}
         ),
     )
@@ -161,7 +186,7 @@ def run_decode(args: argparse.Namespace) -> int:
         text = out.texts[i] if out.texts is not None else None
         if args.json:
             record = {"row": i, "tokens": row, "text": text}
-            if args.method == "free":
+            if args.method in ("free", "calm", "static", "oracle"):
                 record["exited"] = out.exited[i, : out.lengths[i]].tolist()
             print(json.dumps(record))
         else:
@@ -171,7 +196,7 @@ def run_decode(args: argparse.Namespace) -> int:
         f"{model.dtype}); method={args.method}"
         + (
             f", exit rate {out.exit_rate:.0%}, {out.num_deep_passes} deep passes"
-            if args.method == "free"
+            if args.method in ("free", "calm")
             else ""
         )
         + f"; load {loaded - started:.1f}s, "

@@ -92,3 +92,14 @@ def test_decode_free_method_reports_exits(capsys):
     assert any(any(r["exited"]) for r in rows) and "exit rate" in out.err
     assert cli.main(argv[:-1] + ["--mode", "fast"]) == 2
     assert "mode='fast' is not known" in capsys.readouterr().err
+
+
+def test_decode_calm_method_reports_exits(capsys):
+    argv = ["decode", "--method", "calm", "--exit-layer", "1", "--threshold", "0.0"]
+    assert cli.main(argv + ["--calm-tau", "0", "--max-new-tokens", "5", "--json"]) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.strip().splitlines()]
+    assert all(len(r["exited"]) == len(r["tokens"]) for r in rows)
+    assert "exit rate" in out.err
+    assert cli.main(argv + ["--calm-tau", "-2"]) == 2
+    assert "calm_tau must be a finite number >= 0" in capsys.readouterr().err
