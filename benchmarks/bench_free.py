@@ -156,7 +156,9 @@ def bench_batch(B: int, model, args, records: list) -> None:
         f"XLA temp+output memory: full {mem_full / 2**20:.1f} MiB, free "
         f"{mem_free / 2**20:.1f} MiB"
     )
-    sizes = sorted({q for K in {*args.capacities, args.capacity} for q in spd.query_buckets(K)})
+    buffers = {*args.capacities, args.capacity}
+    buffers |= {spd.buffer_size(args.capacity, w, "draft") for w in args.waits}
+    sizes = sorted({q for K in buffers for q in spd.query_buckets(K)})
     pass_ms = deep_pass_ms(params, config, ids, mask, Ls, T, sizes)
     print(
         "pass ms by query-block size: "
@@ -174,7 +176,7 @@ def bench_batch(B: int, model, args, records: list) -> None:
         rate = float(exited.mean())
         passes = int(out.num_deep_passes)
         ideal = T * c_full / (T * c_s + passes * c_d)
-        buckets = np.asarray(spd.query_buckets(K))
+        buckets = np.asarray(spd.query_buckets(spd.buffer_size(K, max_wait, wait_mode)))
         widths = np.asarray(out.pass_width)[:passes]
         sizes = buckets[np.searchsorted(buckets, widths)]
         pass_cost = sum(pass_ms[int(q)] for q in sizes) / 1e3

@@ -162,6 +162,12 @@ def query_buckets(capacity: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def buffer_size(capacity: int, max_wait: int = 0, wait_mode: str = "hold") -> int:
+    """Pending states a row's buffer holds: K, plus room for drafts and the exits after them
+    with "draft" waiting."""
+    return capacity + max_wait + 1 if wait_mode == "draft" and max_wait > 0 else capacity
+
+
 def max_loop_steps(max_new_tokens: int, capacity: int, mode: str, max_wait: int = 0) -> int:
     """An upper bound on loop iterations. Default mode emits one token per row per step, but for
     waits of at most `max_wait` steps; with verification each deep pass keeps at least one new
@@ -240,7 +246,7 @@ def spd_search(
     B, T, D = batch_size, max_new_tokens, hidden_size
     K_rule = buffer_capacity  # exits in a row before a token is forced deep
     # Drafts and the exits after them share the buffer with the exits before them.
-    K = K_rule + max_wait + 1 if drafting else K_rule
+    K = buffer_size(K_rule, max_wait, wait_mode)
     buckets = tuple(buckets or query_buckets(K))
     if buckets[-1] < K + 1:
         raise ValueError(f"the largest deep-pass size {buckets[-1]} is below K + 1 = {K + 1}.")
