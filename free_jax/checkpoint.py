@@ -3,8 +3,9 @@
 Formats `load` understands, by what the directory holds:
 
 * `free_jax.json` + `params/`: a checkpoint written by `save` (orbax, any dtype, sharded-ready).
-* `config.json` + weights: a Hugging Face T5 / mT5 directory, weights in `model.safetensors`,
-  sharded safetensors (`model.safetensors.index.json`), or `pytorch_model.bin` (needs torch).
+* `config.json` + weights: a Hugging Face T5 / mT5 / LongT5 directory, weights in
+  `model.safetensors`, sharded safetensors (`model.safetensors.index.json`), or
+  `pytorch_model.bin` (needs torch).
   Tokenizer files (`spiece.model`, `tokenizer.json`, ...) are loaded when present.
 * Anything else that is not a directory is taken as a hub name and downloaded with
   `huggingface_hub` (weights and tokenizer only), which needs a network.
