@@ -23,6 +23,7 @@ whole model's); PyTorch's is `LongT5EncoderModel` (embedding and encoder).
 
     python benchmarks/bench_longt5.py                    # 1k, 2k, 4k, 8k tokens, both types
     python benchmarks/bench_longt5.py --quick            # a small model, 256 and 512 tokens
+    python benchmarks/bench_longt5.py --xla-memory-only  # compile only: XLA temp per length
 
 Expected runtime of the full run on 2 CPU cores: tens of minutes (the 8k transient-global encoder
 is ~1.8 TFLOP per call); `--quick` takes about a minute.
@@ -73,7 +74,7 @@ def _config(shape: dict, attention: str):
         is_gated_act=True,
         tie_word_embeddings=True,
         scale_decoder_outputs=False,
-        model_type="longt5",
+        model_type="t5" if attention == "full" else "longt5",  # "full": T5's, for comparison
         encoder_attention_type=attention,
     )
 
@@ -170,6 +171,34 @@ def worker_torch(shape: dict, attention: str, batch: int, length: int, repeats: 
     )
 
 
+def xla_memory_only(shape: dict, attentions, batch: int, lengths) -> None:
+    """Compiles free_jax's encoder at each length (abstract weights, nothing runs or allocates)
+    and prints XLA's temporary-buffer size: deterministic, so meaningful on a busy machine. T5's
+    full attention at the same shapes ("full") is the quadratic baseline."""
+    import functools
+
+    import jax
+
+    from free_jax import modeling
+
+    print("| attention | tokens | XLA temp MB | x | weights MB |")
+    print("|---|---|---|---|---|")
+    for attention in (*attentions, "full"):
+        config = _config(shape, attention)
+        params = modeling.param_shapes(config)
+        params = {"shared": params["shared"], "encoder": params["encoder"]}
+        weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 2**20
+        encode = jax.jit(functools.partial(modeling.encode, config=config))
+        previous = None
+        for length in lengths:
+            ids = jax.ShapeDtypeStruct((batch, length), "int32")
+            compiled = encode.lower(params, input_ids=ids, attention_mask=ids).compile()
+            temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+            ratio = _fmt(temp / previous if previous else None, ".2f")
+            print(f"| {attention} | {length} | {temp:.0f} | {ratio} | {weights:.0f} |", flush=True)
+            previous = temp
+
+
 def _run_worker(framework: str, args, attention: str, length: int) -> dict:
     command = [
         sys.executable,
@@ -211,12 +240,18 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a small model at 256 and 512 tokens")
     parser.add_argument("--no-transformers", action="store_true", help="free_jax only")
+    parser.add_argument(
+        "--xla-memory-only", action="store_true", help="compile free_jax only; print XLA temp"
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else BASE
     lengths = args.lengths or ([256, 512] if args.quick else [1024, 2048, 4096, 8192])
 
+    if args.xla_memory_only:
+        xla_memory_only(shape, args.attention, args.batch, lengths)
+        return 0
     if args.worker:
         worker = worker_jax if args.worker == "jax" else worker_torch
         result = worker(shape, args.attention[0], args.batch, lengths[0], args.repeats)

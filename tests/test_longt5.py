@@ -96,8 +96,8 @@ def pair(request, tmp_path_factory):
 
 
 S = 37  # source length: 10 local blocks of 4 (13 of 3), 12 global blocks of 3 (9 of 4)
-# A longer source for the encoder: more than `longt5.QUERY_CHUNK` positions, so the attention runs
-# in 2 chunks of 132 blocks of 4, the last block padding (or 2 of 175 blocks of 3).
+# A longer source for the encoder: several times `longt5.QUERY_CHUNK` (256) positions, so the
+# attention runs in 5 chunks of 53 blocks of 4, the last 2 blocks padding (or 5 of 70 blocks of 3).
 LONG = 1049
 
 
@@ -148,7 +148,7 @@ def test_config_read_from_checkpoint(pair):
 
 def test_encoder_blocks_and_logits_match(pair):
     case, model, ref, _ = pair
-    assert LONG > longt5.QUERY_CHUNK
+    assert LONG > 4 * longt5.QUERY_CHUNK
     ids, mask, dec = _batch(width=LONG)
     theirs = _reference(ref, ids, mask, dec)
     forward = jax.jit(
