@@ -2,8 +2,8 @@
 
 Public API:
 
-* `load(path_or_name, dtype=None) -> Model`: a Hugging Face T5 / mT5 checkpoint (directory or hub
-  name) or one written by `save`.
+* `load(path_or_name, dtype=None) -> Model`: a Hugging Face T5 / mT5 / LongT5 checkpoint
+  (directory or hub name) or one written by `save`.
 * `save(model, path)`, `export_hf(model, path)`: our orbax format; back to Hugging Face format.
 * `decode(model, inputs, method="full", ...) -> DecodeOutput`: batched greedy decoding.
 * `forward(model, input_ids, decoder_input_ids, exit_layer=None)`: teacher-forced logits.

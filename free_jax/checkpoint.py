@@ -3,11 +3,12 @@
 Formats `load` understands, by what the directory holds:
 
 * `free_jax.json` + `params/`: a checkpoint written by `save` (orbax, any dtype, sharded-ready).
-* `config.json` + weights: a Hugging Face T5 / mT5 directory, weights in `model.safetensors`,
-  sharded safetensors (`model.safetensors.index.json`), or `pytorch_model.bin` (needs torch).
-  Tokenizer files (`spiece.model`, `tokenizer.json`, ...) are loaded when present, and so are
-  the two files `export_hf` adds for FREE: `free_jax_metadata.json` (`Model.metadata`, e.g. the
-  exit layer and threshold training chose) and `exit_classifier.safetensors` (the "meta" head).
+* `config.json` + weights: a Hugging Face T5 / mT5 / LongT5 directory, weights in
+  `model.safetensors`, sharded safetensors (`model.safetensors.index.json`), or
+  `pytorch_model.bin` (needs torch). Tokenizer files (`spiece.model`, `tokenizer.json`, ...) are
+  loaded when present, and so are the two files `export_hf` adds for FREE:
+  `free_jax_metadata.json` (`Model.metadata`, e.g. the exit layer and threshold training chose)
+  and `exit_classifier.safetensors` (the "meta" head).
 * Anything else that is not a directory is taken as a hub name and downloaded with
   `huggingface_hub` (weights and tokenizer only), which needs a network.
 """

@@ -18,12 +18,15 @@ from typing import Any
 from free_jax.errors import ConfigError
 
 _ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
-_MODEL_TYPES = ("t5", "mt5")
+_MODEL_TYPES = ("t5", "mt5", "longt5")
+# Encoder self-attention: "full" is T5's; LongT5 encoders use one of the other two.
+ENCODER_ATTENTION_TYPES = ("full", "local", "transient-global")
+LONGT5_ATTENTION_TYPES = ("local", "transient-global")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class T5Config:
-    """Architecture of a T5-family encoder-decoder (T5 v1.0, v1.1, Flan-T5, mT5).
+    """Architecture of a T5-family encoder-decoder (T5 v1.0, v1.1, Flan-T5, mT5, LongT5).
 
     Hashable, so it can be a static argument of jitted functions.
 
@@ -46,7 +49,14 @@ class T5Config:
       pad_token_id, eos_token_id, decoder_start_token_id: special token ids.
       max_source_length: longest encoder input the model accepts, or None for no limit. T5's
         relative positions have no hard limit; checkpoints that declare `n_positions` get it here.
-      model_type: "t5" or "mt5" (kept for export).
+      model_type: "t5", "mt5" or "longt5" (kept for export).
+      encoder_attention_type: "full" (T5, mT5: every position attends to every other), or for
+        LongT5 "local" (each position attends to `local_radius` positions on either side) or
+        "transient-global" (local, plus one global token per `global_block_size` positions).
+      local_radius: LongT5's one-sided local attention window; the encoder works on blocks of
+        `local_radius + 1` positions. Unused by "full" attention.
+      global_block_size: positions summed into one transient global token. Unused unless
+        `encoder_attention_type == "transient-global"`.
     """
 
     vocab_size: int = 32128
@@ -68,6 +78,9 @@ class T5Config:
     decoder_start_token_id: int = 0
     max_source_length: int | None = None
     model_type: str = "t5"
+    encoder_attention_type: str = "full"
+    local_radius: int = 127
+    global_block_size: int = 16
 
     def __post_init__(self):
         for name in (
@@ -80,6 +93,8 @@ class T5Config:
             "num_heads",
             "relative_attention_num_buckets",
             "relative_attention_max_distance",
+            "local_radius",
+            "global_block_size",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -112,6 +127,22 @@ class T5Config:
             raise ConfigError(
                 f"T5Config.model_type={self.model_type!r} is not supported; valid: {_MODEL_TYPES}."
             )
+        attention = self.encoder_attention_type
+        if attention not in ENCODER_ATTENTION_TYPES:
+            raise ConfigError(
+                f"T5Config.encoder_attention_type={attention!r} is not supported; "
+                f"valid: {ENCODER_ATTENTION_TYPES}."
+            )
+        if self.model_type == "longt5" and attention not in LONGT5_ATTENTION_TYPES:
+            raise ConfigError(
+                f"T5Config.encoder_attention_type={attention!r} does not fit model_type='longt5'; "
+                f"LongT5 encoders use one of {LONGT5_ATTENTION_TYPES}."
+            )
+        if self.model_type != "longt5" and attention != "full":
+            raise ConfigError(
+                f"T5Config.encoder_attention_type={attention!r} needs model_type='longt5'; "
+                f"model_type={self.model_type!r} encoders use 'full' attention."
+            )
 
     @property
     def inner_dim(self) -> int:
@@ -123,6 +154,10 @@ class T5Config:
         """The Hugging Face spelling of the feed-forward type ("relu", "gated-gelu", ...)."""
         act = "gelu" if self.dense_act_fn == "gelu_new" and self.is_gated_act else self.dense_act_fn
         return f"gated-{act}" if self.is_gated_act else act
+
+    @property
+    def is_longt5(self) -> bool:
+        return self.model_type == "longt5"
 
     def replace(self, **changes: Any) -> T5Config:
         return dataclasses.replace(self, **changes)
@@ -165,6 +200,13 @@ class T5Config:
         pad = hf.get("pad_token_id", 0)
         pad = 0 if pad is None else pad
         start = hf.get("decoder_start_token_id")
+        long = {}
+        if model_type == "longt5":  # defaults as in transformers' LongT5Config
+            long = dict(
+                encoder_attention_type=hf.get("encoder_attention_type", "local"),
+                local_radius=hf.get("local_radius", 127),
+                global_block_size=hf.get("global_block_size", 16),
+            )
         return cls(
             vocab_size=hf.get("vocab_size", 32128),
             d_model=hf.get("d_model", 512),
@@ -185,6 +227,7 @@ class T5Config:
             decoder_start_token_id=pad if start is None else start,
             max_source_length=n_positions if isinstance(n_positions, int) else None,
             model_type=model_type,
+            **long,
         )
 
     @classmethod
@@ -198,12 +241,9 @@ class T5Config:
         Untied models are written with `tie_word_embeddings: false` and an explicit
         `scale_decoder_outputs`, so 5.x neither ties the head nor mis-scales.
         """
+        architecture = {"mt5": "MT5", "longt5": "LongT5"}.get(self.model_type, "T5")
         hf = {
-            "architectures": [
-                "MT5ForConditionalGeneration"
-                if self.model_type == "mt5"
-                else "T5ForConditionalGeneration"
-            ],
+            "architectures": [f"{architecture}ForConditionalGeneration"],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "d_model": self.d_model,
@@ -229,13 +269,19 @@ class T5Config:
         }
         if self.max_source_length is not None:
             hf["n_positions"] = self.max_source_length
+        if self.is_longt5:
+            hf["encoder_attention_type"] = self.encoder_attention_type
+            hf["local_radius"] = self.local_radius
+            hf["global_block_size"] = self.global_block_size
         return hf
 
     def to_hf_config(self) -> Any:
-        """The equivalent `transformers` config object (T5Config or MT5Config)."""
+        """The equivalent `transformers` config object (T5Config, MT5Config or LongT5Config)."""
         import transformers
 
-        cls = transformers.MT5Config if self.model_type == "mt5" else transformers.T5Config
+        cls = {"mt5": transformers.MT5Config, "longt5": transformers.LongT5Config}.get(
+            self.model_type, transformers.T5Config
+        )
         return cls(**{k: v for k, v in self.to_hf_dict().items() if k != "architectures"})
 
     # ------------------------------------------------------------------ our own serialisation

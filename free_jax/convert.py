@@ -1,4 +1,4 @@
-"""Name and layout mapping between Hugging Face T5 state dicts and free_jax parameter pytrees.
+"""Name and layout mapping between Hugging Face T5-family state dicts and free_jax param pytrees.
 
 Hugging Face stores `torch.nn.Linear` weights as `[out, in]`; free_jax kernels are `[in, out]`.
 The relative-attention table lives in block 0 there and at the stack level here (every segment
@@ -19,6 +19,12 @@ from free_jax.modeling import Params, param_shapes
 
 # Tensors Hugging Face may save that carry no information of their own.
 _REDUNDANT = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+# The encoder self-attention module's name, by `T5Config.encoder_attention_type`.
+_ENCODER_ATTENTION = {
+    "full": "SelfAttention",
+    "local": "LocalSelfAttention",
+    "transient-global": "TransientGlobalSelfAttention",
+}
 
 
 def _entries(config: T5Config, has_lm_head: bool) -> Iterator[tuple[str, tuple, bool]]:
@@ -28,17 +34,35 @@ def _entries(config: T5Config, has_lm_head: bool) -> Iterator[tuple[str, tuple, 
         yield "lm_head.weight", ("lm_head",), True
     ffn = ("wi_0", "wi_1", "wo") if config.is_gated_act else ("wi", "wo")
     for stack, n_blocks in (("encoder", config.num_layers), ("decoder", config.num_decoder_layers)):
+        sa = (
+            "SelfAttention"
+            if stack == "decoder"
+            else _ENCODER_ATTENTION[config.encoder_attention_type]
+        )
+        global_tokens = stack == "encoder" and config.encoder_attention_type == "transient-global"
         yield (
-            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            f"{stack}.block.0.layer.0.{sa}.relative_attention_bias.weight",
             (stack, "rel_bias"),
             False,
         )
+        if global_tokens:
+            yield (
+                f"{stack}.block.0.layer.0.{sa}.global_relative_attention_bias.weight",
+                (stack, "global_rel_bias"),
+                False,
+            )
         yield f"{stack}.final_layer_norm.weight", (stack, "final_norm"), False
         for i in range(n_blocks):
             hf = f"{stack}.block.{i}.layer"
             ours = (stack, "blocks", i)
             for m in "qkvo":
-                yield f"{hf}.0.SelfAttention.{m}.weight", (*ours, "self_attn", m), True
+                yield f"{hf}.0.{sa}.{m}.weight", (*ours, "self_attn", m), True
+            if global_tokens:
+                yield (
+                    f"{hf}.0.{sa}.global_input_layer_norm.weight",
+                    (*ours, "self_attn", "global_norm"),
+                    False,
+                )
             yield f"{hf}.0.layer_norm.weight", (*ours, "self_attn_norm"), False
             ff = 1
             if stack == "decoder":

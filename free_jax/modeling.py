@@ -19,6 +19,12 @@ Parameter layout (kernels are `[in, out]`; shapes use the legend in `free_jax.co
     encoder/blocks[i]/ffn/{wi | wi_0, wi_1} [D, F], ffn/wo [F, D], ffn_norm [D]
     decoder/rel_bias, decoder/final_norm, decoder/blocks[i]/... as the encoder, plus
     decoder/blocks[i]/cross_attn/{q,k,v,o}, cross_attn_norm [D]
+
+LongT5 (`config.encoder_attention_type` "local" or "transient-global") has the same layout; its
+encoder self-attention is computed in `free_jax.longt5`, and transient-global attention adds
+
+    encoder/global_rel_bias                  [NB, H]
+    encoder/blocks[i]/self_attn/global_norm  [D]
 """
 
 from __future__ import annotations
@@ -103,6 +109,11 @@ def init_params(config: T5Config, rng: Array, dtype: Any = jnp.float32) -> Param
     }
     if not config.tie_word_embeddings:
         params["lm_head"] = normal((D, V), 1.0)
+    if config.encoder_attention_type == "transient-global":
+        # Drawn last, so that every other parameter is initialised as for a T5 of the same shape.
+        params["encoder"]["global_rel_bias"] = normal((NB, H), D**-0.5)
+        for block in params["encoder"]["blocks"]:
+            block["self_attn"]["global_norm"] = ones(D)
     return params
 
 
@@ -274,7 +285,7 @@ def embed(params: Params, token_ids: Array) -> Array:
 
 
 def encode(params: Params, config: T5Config, input_ids: Array, attention_mask: Array) -> Array:
-    """Runs the encoder.
+    """Runs the encoder (T5's full self-attention, or LongT5's from `free_jax.longt5`).
 
     Args:
       input_ids: int32[B, S].
@@ -283,6 +294,10 @@ def encode(params: Params, config: T5Config, input_ids: Array, attention_mask: A
     Returns:
       [B, S, D] encoder output after the final norm.
     """
+    if config.encoder_attention_type != "full":
+        from free_jax import longt5  # builds on this module's blocks, so imported late
+
+        return longt5.encode(params, config, input_ids, attention_mask)
     enc = params["encoder"]
     eps = config.layer_norm_epsilon
     S = input_ids.shape[1]

@@ -66,6 +66,23 @@ def tiny_config(variant: str = "v1.1", **overrides: Any) -> T5Config:
     return T5Config(**base)
 
 
+def tiny_longt5_config(attention_type: str = "transient-global", **overrides: Any) -> T5Config:
+    """A tiny LongT5 (T5 v1.1 shapes of `tiny_config`) with the given encoder attention.
+
+    Local blocks of 4 positions (`local_radius` 3) and global blocks of 3, so that inputs of a few
+    dozen tokens span many blocks of both kinds, and the two block sizes do not divide each other.
+    `attention_type` is passed on unchecked, so that the config's own validation reports it.
+    """
+    base = dict(
+        model_type="longt5",
+        encoder_attention_type=attention_type,
+        local_radius=3,
+        global_block_size=3,
+    )
+    base.update(overrides)
+    return tiny_config("v1.1", **base)
+
+
 def tiny_model(
     variant: str = "v1.1",
     seed: int = 0,
@@ -137,27 +154,37 @@ def tiny_tokenizer(directory: str | os.PathLike | None = None) -> Any:
 # ---------------------------------------------------------------------------- references
 
 
+def _hf_classes(model_type: str) -> tuple[Any, Any]:
+    """The `transformers` (config class, model class) that reads checkpoints of `model_type`."""
+    import transformers
+
+    if model_type == "longt5":
+        return transformers.LongT5Config, transformers.LongT5ForConditionalGeneration
+    return transformers.T5Config, transformers.T5ForConditionalGeneration
+
+
 def make_hf_checkpoint(
     directory: str | os.PathLike, config: T5Config, seed: int = 0, *, tokenizer: Any = None
 ) -> Path:
-    """Writes a randomly initialised `transformers` PyTorch T5 checkpoint for `config`.
+    """Writes a randomly initialised `transformers` PyTorch checkpoint for `config`.
 
+    A `T5ForConditionalGeneration`, or a `LongT5ForConditionalGeneration` for LongT5 configs.
     Tied configs are saved with `save_pretrained`. transformers 5.x ties the head of every model it
     creates, so untied configs are written in the 4.x format by hand: a separate random
     `lm_head.weight` and `tie_word_embeddings: false` in `config.json`, as real v1.1 / Flan-T5 /
-    mT5 checkpoints have. Needs torch.
+    mT5 / LongT5 checkpoints have. Needs torch.
     """
     import torch
-    import transformers
     from safetensors.torch import save_file
 
     directory = Path(directory)
     torch.manual_seed(seed)
     hf_dict = config.to_hf_dict()
-    hf_dict.pop("architectures")
+    architectures = hf_dict.pop("architectures")
     hf_dict.pop("scale_decoder_outputs")
     hf_dict["dropout_rate"] = 0.0
-    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**hf_dict)).eval()
+    config_class, model_class = _hf_classes(config.model_type)
+    model = model_class(config_class(**hf_dict)).eval()
     if config.tie_word_embeddings:
         model.save_pretrained(str(directory))
     else:
@@ -170,7 +197,7 @@ def make_hf_checkpoint(
         state["lm_head.weight"] = torch.randn_like(state["shared.weight"])
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
         hf_dict["tie_word_embeddings"] = False
-        hf_dict["architectures"] = ["T5ForConditionalGeneration"]
+        hf_dict["architectures"] = architectures
         with open(directory / "config.json", "w") as f:
             json.dump(hf_dict, f, indent=2)
     if tokenizer is not None:
@@ -179,7 +206,12 @@ def make_hf_checkpoint(
 
 
 def load_hf_reference(directory: str | os.PathLike) -> Any:
-    """The `transformers` PyTorch model of a checkpoint directory, in eval mode, float32."""
-    import transformers
+    """The `transformers` PyTorch model of a checkpoint directory, in eval mode, float32.
 
-    return transformers.T5ForConditionalGeneration.from_pretrained(str(directory)).eval()
+    A `T5ForConditionalGeneration`, or a `LongT5ForConditionalGeneration` when `config.json` says
+    `model_type: longt5`.
+    """
+    with open(Path(directory) / "config.json") as f:
+        model_type = json.load(f).get("model_type")
+    _, model_class = _hf_classes(model_type)
+    return model_class.from_pretrained(str(directory)).eval()
