@@ -401,6 +401,20 @@ def test_oracle_runs_on_longt5(tiny, batch):
     np.testing.assert_array_equal(out.tokens, full.tokens)
 
 
+@pytest.mark.slow
+def test_calm_limits_on_longt5(tiny, batch):
+    ids, mask = batch
+    full = free_jax.decode(tiny, ids, attention_mask=mask, max_new_tokens=T)
+    kw = dict(method="calm", exit_layer=1, max_new_tokens=T, calm_tau=None)
+    never = free_jax.decode(tiny, ids, attention_mask=mask, threshold=1.0, **kw)
+    np.testing.assert_array_equal(never.tokens, full.tokens)
+    static = free_jax.decode(
+        tiny, ids, attention_mask=mask, method="static", exit_layer=1, max_new_tokens=T
+    )
+    always = free_jax.decode(tiny, ids, attention_mask=mask, threshold=0.0, **kw)
+    np.testing.assert_array_equal(always.tokens, static.tokens)
+
+
 # ---------------------------------------------------------------------------- configuration
 
 
