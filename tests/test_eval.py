@@ -1,14 +1,22 @@
-"""The demo task's data: the builder's determinism and splits, the shipped files, the task."""
+"""The evaluation harness, `free-jax eval` / `free-jax demo`, and the demo task's data.
+
+Models here are tiny and random (`free_jax.testing`), so their outputs are noise; what is tested is
+the harness: the report's fields and their consistency, exact mode against the full model, the
+files written, the data builder's determinism and splits, and clear errors for bad input.
+"""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from free_jax import data, demo_data, testing
+import free_jax
+from free_jax import cli, data, demo_data, eval_cli, evaluate, testing
+from free_jax.errors import InputError
 
 SENTENCES = [
     "However, current models still fall behind their counterparts in translation quality.",
@@ -22,6 +30,317 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return testing.tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tokenizer, tmp_path_factory):
+    # Two decoder blocks: the exit layer is 1 and every static exit is one compilation.
+    model = testing.tiny_model("v1.1", seed=3, tokenizer=tokenizer, num_decoder_layers=2)
+    return free_jax.save(model, tmp_path_factory.mktemp("ckpt") / "model")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    # Loaded as the CLI loads it (restored arrays are committed to a device, fresh ones are not,
+    # and jit compiles again for that), so the CLI tests reuse the harness tests' compilations.
+    return free_jax.load(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "sentences.jsonl"
+    path.write_text("".join(json.dumps({"paper": "P", "text": s}) + "\n" for s in SENTENCES))
+    return path
+
+
+# Decoded tokens per row: short, and the same in every test, so that the CLI test reuses the
+# compilations of the harness tests (same model config, shapes and static arguments).
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer, jsonl, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    task = demo_data.TASK_NAME
+    return data.load_examples(task, tokenizer, split="test", data_files=jsonl, cache_dir=cache)
+
+
+def _share_compilation(spec):
+    # Tests only: FREE with a fixed threshold records agreement too, so that it shares the
+    # adaptive threshold's compilation (compiling FREE dominates these tests' time).
+    if spec.method == "free" and spec.mode == "default" and not spec.adaptive:
+        return dataclasses.replace(spec, options=(("record_agreement", True),))
+    return spec
+
+
+@pytest.fixture(scope="module")
+def report(model, examples):
+    methods = [_share_compilation(m) for m in evaluate.default_methods(model)]
+    sweep = [_share_compilation(m) for m in evaluate.default_sweep(model, (0.5, 0.05))]
+    return evaluate.evaluate(
+        model,
+        examples,
+        methods,
+        sweep=sweep,
+        max_examples=4,
+        max_new_tokens=NEW_TOKENS,
+        progress=False,
+        baselines={
+            "copy_input": evaluate.copy_input,
+            "capitalise_and_period": demo_data.capitalise_and_period,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------- the harness
+
+
+def test_report_fields_and_consistency(report):
+    labels = [r.spec.name for r in report.methods]
+    assert labels == [
+        "full",
+        "static Ls=1",
+        "calm thr=0.90 Ls=1",
+        "free thr=0.90 Ls=1",
+        "free adaptive Ls=1",
+        "free exact thr=0.90 Ls=1",
+    ]
+    assert [r.spec.name for r in report.sweep] == [
+        "static Ls=1",
+        "calm thr=0.50 Ls=1",
+        "calm thr=0.05 Ls=1",
+        "free thr=0.50 Ls=1",
+        "free thr=0.05 Ls=1",
+    ]
+    assert report.num_examples == 4 and report.metric == "sacrebleu"
+    full = report.full
+    assert full.speedup == 1.0 and full.matches_full == 100.0 and full.exit_rate == 0.0
+    assert full.deep_passes_per_token == 1.0  # batch 1: one deep pass per step
+    static = report.methods[1]
+    assert static.exit_rate == 1.0 and static.deep_passes_per_token == 0.0
+    for r in report.methods + report.sweep:
+        assert r.seconds > 0 and r.speedup > 0 and r.tokens > 0
+        assert 0.0 <= r.exit_rate <= 1.0 and 0.0 <= r.deep_passes_per_token <= 1.0
+        assert len(r.texts) == 4 and 0.0 <= r.quality["sacrebleu"] <= 100.0
+        assert r.speedup == pytest.approx(full.seconds / r.seconds)
+    adaptive = report.methods[4]
+    assert adaptive.spec.adaptive and adaptive.final_threshold is not None
+    assert set(report.baselines) == {"copy_input", "capitalise_and_period"}
+    # Copying the (lower-cased, unpunctuated) input scores below capitalising it and adding "."
+    assert (
+        report.baselines["copy_input"]["sacrebleu"]
+        < (report.baselines["capitalise_and_period"]["sacrebleu"])
+    )
+
+
+def test_exact_mode_output_equals_full(report):
+    exact = report.methods[5]
+    assert exact.spec.mode == "exact"
+    assert exact.tokens_equal_full and exact.matches_full == 100.0
+    assert exact.texts == report.full.texts
+    assert report.summary()["exact_mode_equals_full"] is True
+
+
+def test_json_report_and_plot_are_written(report, tmp_path):
+    paths = evaluate.write_report(report, tmp_path / "out")
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loaded = json.loads(paths["report"].read_text())
+    assert set(loaded) >= {
+        "task",
+        "model",
+        "settings",
+        "environment",
+        "baselines",
+        "summary",
+        "methods",
+        "sweep",
+        "references",
+    }
+    assert loaded["task"]["name"] == "acl_punct" and loaded["task"]["num_examples"] == 4
+    row = loaded["methods"][0]
+    for key in ("label", "quality", "speedup", "exit_rate", "deep_passes_per_token", "texts"):
+        assert key in row
+    summary = loaded["summary"]
+    assert summary["quality_at_99_percent"] == pytest.approx(0.99 * summary["full_quality"])
+    assert set(summary["best_speedup_at_99_percent"]) == {"static", "calm", "free"}
+    table = evaluate.format_table(report)
+    assert "free exact thr=0.90 Ls=1" in table and "baseline: copy_input" in table
+
+
+def test_batched_evaluation_keeps_the_rows(model, examples, report):
+    batched = evaluate.evaluate(
+        model,
+        examples,
+        [evaluate.MethodSpec(method="full")],
+        batch_size=2,
+        max_examples=4,
+        max_new_tokens=NEW_TOKENS,
+        progress=False,
+    )
+    assert batched.num_examples == 4 and batched.settings["batch_size"] == 2
+    # Batched greedy decoding gives each row what it gets alone, in the split's order.
+    assert batched.full.texts == report.full.texts
+    assert batched.full.deep_passes_per_token < 1.0  # a pass serves several rows
+
+
+def test_interpolation_and_summary_helpers():
+    curve = [(1.0, 10.0), (2.0, 8.0), (4.0, 4.0)]
+    assert evaluate._interpolate(curve, 3.0) == pytest.approx(6.0)
+    assert evaluate._interpolate(curve, 5.0) is None
+
+
+# ---------------------------------------------------------------------------- method specs
+
+
+@pytest.mark.parametrize(
+    "text, fields",
+    [
+        ("full", dict(method="full")),
+        ("static@2", dict(method="static", exit_layer=2)),
+        ("calm:0.9", dict(method="calm", threshold=0.9)),
+        ("free:0.8@2", dict(method="free", threshold=0.8, exit_layer=2)),
+        ("free:adaptive", dict(method="free", adaptive=True)),
+        ("free:exact", dict(method="free", mode="exact")),
+        ("free:rollback:0.5@3", dict(method="free", mode="rollback", threshold=0.5, exit_layer=3)),
+    ],
+)
+def test_parse_method(text, fields):
+    assert evaluate.parse_method(text) == evaluate.MethodSpec(**fields)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("fast:0.5", "unknown method 'fast'"),
+        ("oracle", "unknown method 'oracle'"),
+        ("free:high", "cannot read 'high'"),
+        ("static@x", "exit layer after '@' must be an integer"),
+        ("full:0.5", "method 'full' takes no threshold"),
+        ("calm:adaptive", "adaptive thresholds and modes are for 'free'"),
+        ("free:adaptive:0.5", "cannot also be fixed"),
+    ],
+)
+def test_bad_method_specs(text, message):
+    with pytest.raises(InputError, match=message):
+        evaluate.parse_method(text)
+
+
+def test_harness_input_errors(model, examples):
+    full = [evaluate.MethodSpec(method="full")]
+    no_tokenizer = free_jax.Model(config=model.config, params=model.params)
+    with pytest.raises(InputError, match="no tokenizer"):
+        evaluate.evaluate(no_tokenizer, examples, full, progress=False)
+    with pytest.raises(InputError, match="repeats must be an integer >= 1"):
+        evaluate.evaluate(model, examples, full, repeats=0, progress=False)
+    with pytest.raises(InputError, match="no methods"):
+        evaluate.evaluate(model, examples, [], progress=False)
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def _eval_argv(checkpoint, tmp_path, *extra):
+    return [
+        "eval",
+        "--model",
+        str(checkpoint),
+        "--task",
+        "acl_punct",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+        "--no-compile-cache",
+        *extra,
+    ]
+
+
+def test_cli_eval_writes_the_report(checkpoint, jsonl, tmp_path, capsys):
+    argv = _eval_argv(
+        checkpoint,
+        tmp_path,
+        "--data-files",
+        str(jsonl),
+        "--max-examples",
+        "2",
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--methods",
+        "full",
+        "free:exact@1",
+        "--no-sweep",
+    )
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "free exact Ls=1" in out and "exact mode output == full model output: yes" in out
+    report = json.loads((tmp_path / "out" / evaluate.REPORT_FILE).read_text())
+    assert [m["label"] for m in report["methods"]] == ["full", "free exact Ls=1"]
+    assert (tmp_path / "out" / evaluate.PLOT_FILE).is_file()
+
+
+def test_cli_eval_missing_checkpoint_dir(tmp_path, capsys):
+    argv = _eval_argv(tmp_path / "no_such_model", tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no_such_model" in err and "does not exist" in err
+
+
+def test_cli_eval_dataset_file_missing_fields(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"sentence": SENTENCES[0]}) + "\n")
+    assert cli.main(_eval_argv(checkpoint, tmp_path, "--data-files", str(bad))) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "'text'" in err and "is missing" in err and "sentence" in err
+
+
+def test_cli_eval_hub_dataset_offline(checkpoint, tmp_path, monkeypatch, capsys):
+    import datasets
+    import huggingface_hub.constants
+
+    # What HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1 set when the libraries are imported.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    argv = _eval_argv(checkpoint, tmp_path)
+    argv[argv.index("acl_punct")] = "samsum"
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "knkarthick/samsum" in err and "no network is reachable" in err
+    assert "data_files" in err
+
+
+def test_cli_eval_hub_model_offline(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert cli.main(_eval_argv("google/flan-t5-small", tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "google/flan-t5-small" in err and "could not be reached" in err
+
+
+def test_cli_eval_unknown_method_fails_before_loading(tmp_path, capsys):
+    argv = _eval_argv(tmp_path / "not_loaded", tmp_path, "--methods", "full", "fast:0.5")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'fast'" in err and "not_loaded" not in err
+
+
+def test_cli_eval_unknown_task(checkpoint, tmp_path, capsys):
+    argv = _eval_argv(checkpoint, tmp_path)
+    argv[argv.index("acl_punct")] = "nope"
+    assert cli.main(argv) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_cli_demo_without_the_shipped_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(eval_cli, "DEMO_MODEL", tmp_path / "model")
+    assert cli.main(["demo", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "demo model is not in this installation" in err and "free-jax eval" in err
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- demo data
@@ -38,9 +357,9 @@ def _shipped_papers(count: int) -> list[tuple[str, list[str]]]:
 
 
 def test_builder_is_deterministic_and_splits_are_disjoint(tmp_path):
-    papers = _shipped_papers(10)
+    papers = _shipped_papers(7)
     held_out = {"validation": 2, "test": 2}
-    kwargs = dict(papers=papers, vocab_size=400, held_out_papers=held_out)
+    kwargs = dict(papers=papers, vocab_size=300, held_out_papers=held_out)
     stats = demo_data.build_demo_data(tmp_path / "a", seed=1, **kwargs)
     demo_data.build_demo_data(tmp_path / "b", seed=1, **kwargs)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*"))
@@ -56,7 +375,7 @@ def test_builder_is_deterministic_and_splits_are_disjoint(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     rows = {s: demo_data.read_split(s, tmp_path / "a") for s in demo_data.SPLITS}
     assert {s: len({r["paper"] for r in rows[s]}) for s in rows} == {
-        "train": 6,
+        "train": 3,
         "validation": 2,
         "test": 2,
     }
