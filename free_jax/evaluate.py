@@ -217,6 +217,7 @@ class MethodResult:
     speedup: float = 1.0
     calibration_seconds: float = 0.0
     final_threshold: float | None = None
+    calibration_points: int = 0
     texts: list[str] = dataclasses.field(default_factory=list, repr=False)
     tokens_equal_full: bool = False
 
@@ -248,6 +249,7 @@ class MethodResult:
         }
         if self.spec.adaptive:
             out["calibration_seconds"] = self.calibration_seconds
+            out["calibration_points"] = self.calibration_points
             out["final_threshold"] = self.final_threshold
         if keep_texts:
             out["texts"] = self.texts
@@ -467,6 +469,7 @@ class _Runner:
             final_threshold=(
                 float(self.estimator.threshold) if self.estimator is not None else None
             ),
+            calibration_points=self.estimator.num_points if self.estimator is not None else 0,
             texts=texts,
         )
 
@@ -585,6 +588,16 @@ def evaluate(
         result.tokens_equal_full = all(same)
         result.speedup = full.seconds / max(result.seconds, 1e-9)
     by_spec = dict(zip(unique, results, strict=True))
+    settings: dict[str, Any] = {
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "max_new_tokens": max_new_tokens,
+        "source_lengths": sorted({b[0].shape[1] for b in batches.batches}),
+        "timing": "wall time of decode() per batch after a warm-up, summed; median over repeats",
+    }
+    estimators = [r.estimator for r in runners if r.estimator is not None]
+    if estimators:
+        settings["threshold_estimator"] = dataclasses.asdict(estimators[0].config)
 
     sources = source_texts(examples, model.tokenizer, n)
     baselines = {"copy_input": copy_input} if baselines is None else baselines
@@ -603,14 +616,7 @@ def evaluate(
         methods=[by_spec[s] for s in methods],
         sweep=[by_spec[s] for s in sweep],
         baselines=baseline_scores,
-        settings={
-            "batch_size": batch_size,
-            "repeats": repeats,
-            "max_new_tokens": max_new_tokens,
-            "source_lengths": sorted({b[0].shape[1] for b in batches.batches}),
-            "timing": "wall time of decode() per batch after a warm-up, summed; median over "
-            "repeats",
-        },
+        settings=settings,
         environment=_environment(load_start),
         model_info=_model_info(model, model_source),
         references=references,

@@ -77,6 +77,8 @@ def _share_compilation(spec):
 def report(model, examples):
     methods = [_share_compilation(m) for m in evaluate.default_methods(model)]
     sweep = [_share_compilation(m) for m in evaluate.default_sweep(model, (0.5, 0.05))]
+    from free_jax.threshold import ThresholdConfig
+
     return evaluate.evaluate(
         model,
         examples,
@@ -84,6 +86,8 @@ def report(model, examples):
         sweep=sweep,
         max_examples=4,
         max_new_tokens=NEW_TOKENS,
+        # The estimator collects data but never refits: a fit's compilation would take seconds.
+        estimator_config=ThresholdConfig(freeze_after=0),
         progress=False,
         baselines={
             "copy_input": evaluate.copy_input,
@@ -124,7 +128,9 @@ def test_report_fields_and_consistency(report):
         assert len(r.texts) == 4 and 0.0 <= r.quality["sacrebleu"] <= 100.0
         assert r.speedup == pytest.approx(full.seconds / r.seconds)
     adaptive = report.methods[4]
-    assert adaptive.spec.adaptive and adaptive.final_threshold is not None
+    assert adaptive.spec.adaptive and adaptive.final_threshold == pytest.approx(0.9)
+    assert adaptive.calibration_points > 0
+    assert report.settings["threshold_estimator"]["freeze_after"] == 0
     assert set(report.baselines) == {"copy_input", "capitalise_and_period"}
     # Copying the (lower-cased, unpunctuated) input scores below capitalising it and adding "."
     assert (
