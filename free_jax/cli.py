@@ -6,6 +6,8 @@
                     [--max-wait 0] [--wait-mode hold|draft] [--calm-tau 4]
                     [--max-new-tokens 32] [--dtype float32|bfloat16] [--json]
     free-jax fit-threshold agreement.npz [...]
+    free-jax eval --model DIR_OR_HUB --task NAME [...]     (free_jax.eval_cli)
+    free-jax demo [--out DIR] [--quick]                  (free_jax.eval_cli)
 
 `decode` without `--model` runs on the embedded default: a tiny T5 built here from a fixed seed,
 with a SentencePiece tokenizer trained on the corpus shipped in `free_jax/assets`. It needs no
@@ -20,7 +22,7 @@ import json
 import sys
 import time
 
-from free_jax.errors import CheckpointError, ConfigError, InputError
+from free_jax.errors import CheckpointError, ConfigError, DataError, InputError
 
 DEFAULT_TEXTS = (
     "The early exit lets a confident token leave the decoder after a few blocks.",
@@ -97,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _decode_parser(sub)
     _threshold_parser(sub)
+    from free_jax import eval_cli
+
+    eval_cli.add_eval_parser(sub)
+    eval_cli.add_demo_parser(sub)
     return parser
 
 
@@ -211,10 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "decode":
             return run_decode(args)
+        if args.command in ("eval", "demo"):
+            from free_jax import eval_cli
+
+            return eval_cli.run_eval(args) if args.command == "eval" else eval_cli.run_demo(args)
         from free_jax import threshold_cli
 
         return threshold_cli.run(args)
-    except (InputError, ConfigError, CheckpointError) as err:
+    except (InputError, ConfigError, CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -3,7 +3,8 @@
 Three steps, each usable on its own:
 
 1. `get_task(name)` names a task of the paper (SAMSum, CNN/DailyMail, SQuAD, Multi-News,
-   BIGPATENT, IWSLT2017 De-En): where its text lives, its prefix, its lengths and its metric.
+   BIGPATENT, IWSLT2017 De-En) or the embedded demo's (`acl_punct`, `free_jax.demo_data`): where
+   its text lives, its prefix, its lengths and its metric.
 2. `load_examples(task, tokenizer, split=..., data_files=...)` reads a split from local
    JSON / JSONL / CSV files (or the Hugging Face Hub when a network exists), tokenises it
    (prefix, truncation, EOS) and caches the token ids on disk.
@@ -49,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from free_jax import metrics
+from free_jax import demo_data, metrics
 from free_jax.errors import ConfigError, DataError
 
 # A field of a raw row: a column name, a dotted path into nested fields ("translation.de",
@@ -96,6 +97,8 @@ class Task:
         hub_config)`), used when no local files are given; None: local files only.
       drop_empty: drop rows whose source or target is empty or missing (as the reference scripts
         do); otherwise such a row is an error.
+      data_dir: a directory of `{split}.jsonl` files shipped with the package, read when no
+        `data_files` are given (the demo task's); None: the hub.
     """
 
     name: str
@@ -109,6 +112,7 @@ class Task:
     hub_path: str | None = None
     hub_config: str | None = None
     drop_empty: bool = True
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         for field in ("max_source_length", "max_target_length"):
@@ -193,6 +197,18 @@ TASKS: Mapping[str, Task] = {
             metric="sacrebleu",
             hub_path="IWSLT/iwslt2017",
             hub_config="iwslt2017-de-en",
+        ),
+        # The embedded demo's task (free_jax.demo_data): punctuation and capitalisation
+        # restoration of sentences of ACL papers, its splits shipped in free_jax/assets/demo.
+        Task(
+            name=demo_data.TASK_NAME,
+            source=demo_data.demo_source,
+            target="text",
+            prefix=demo_data.PREFIX,
+            max_source_length=demo_data.MAX_SOURCE_LENGTH,
+            max_target_length=demo_data.MAX_TARGET_LENGTH,
+            metric="sacrebleu",
+            data_dir=str(demo_data.ASSETS),
         ),
     )
 }
@@ -301,8 +317,8 @@ def load_examples(
       tokenizer: any `transformers` tokenizer with `eos_token_id` and `pad_token_id`.
       split: the split to read from the hub, and the label of local files.
       data_files: local `.json` (a list of records, or SQuAD's official nested file),
-        `.jsonl` or `.csv` files holding this split; None: download `task.hub_path` (needs a
-        network).
+        `.jsonl` or `.csv` files holding this split; None: the task's shipped `data_dir` when
+        it has one, else download `task.hub_path` (needs a network).
       cache_dir: where token ids (and `datasets`' Arrow files) are cached; default
         `default_cache_dir()`.
       use_cache: read and write the token-id cache. The cache key covers the tokenizer's full
@@ -320,6 +336,8 @@ def load_examples(
     task = get_task(task)
     eos_id, pad_id = _special_ids(tokenizer)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if data_files is None and task.data_dir is not None:
+        data_files = _shipped_file(task, split)
     files = None if data_files is None else _check_files(data_files)
 
     if files is not None:
@@ -378,6 +396,17 @@ def _special_ids(tokenizer: Any) -> tuple[int, int]:
             f"pad_token_id={pad_id!r}; both are needed (set tokenizer.pad_token = ...)."
         )
     return int(eos_id), int(pad_id)
+
+
+def _shipped_file(task: Task, split: str) -> Path:
+    path = Path(task.data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in Path(task.data_dir).glob("*.jsonl"))
+        raise DataError(
+            f"task {task.name!r} ships the splits {shipped} in {task.data_dir}, not {split!r}; "
+            "pass data_files=... for other data."
+        )
+    return path
 
 
 def _check_files(data_files: Any) -> list[Path]:

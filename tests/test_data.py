@@ -119,6 +119,7 @@ def test_registry_holds_the_paper_tasks():
         "multi_news",
         "big_patent",
         "iwslt2017_de_en",
+        "acl_punct",  # the embedded demo's (free_jax.demo_data; tested in test_eval.py)
     }
     for name in ("samsum", "cnn_dailymail", "multi_news", "big_patent"):
         assert tasks[name].prefix == "summarize: "
