@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from free_jax import convert, modeling
+from free_jax import convert, exit_classifier, modeling
 from free_jax.config import T5Config
 from free_jax.errors import CheckpointError, ConfigError
 from free_jax.model import Model
@@ -319,6 +319,8 @@ def save(
         "config": dataclasses.asdict(model.config),
         "dtype": str(jnp.dtype(model.dtype)),
         "metadata": dict(metadata or {}),
+        # The trained "meta" confidence head, when present, is saved with the parameters.
+        "exit_classifier": exit_classifier.has_exit_classifier(model.params),
     }
     # Serialised before anything is written, so bad metadata leaves no half-written directory.
     try:
@@ -367,6 +369,10 @@ def _load_free_jax(path: Path, dtype: Any) -> Model:
             f"{_FORMAT_VERSION}); upgrade free_jax."
         )
     target = modeling.param_shapes(config, stored_dtype)
+    if meta.get("exit_classifier", False):
+        target[exit_classifier.KEY] = jax.eval_shape(
+            lambda: exit_classifier.init_exit_classifier(config, jax.random.key(0), stored_dtype)
+        )
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(path.absolute() / "params", target)
