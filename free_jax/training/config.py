@@ -446,8 +446,6 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
 
 
 def _override(obj: Any, path: list[str], text: str, key: str) -> Any:
-    if not dataclasses.is_dataclass(obj):
-        raise ConfigError(f"override {key}: {'.'.join(path)} is not inside a config section.")
     hints = _field_types(type(obj))
     name = path[0]
     if name not in hints:
@@ -459,10 +457,14 @@ def _override(obj: Any, path: list[str], text: str, key: str) -> Any:
         value = _parse_value(text, hints[name], key)
     else:
         current = getattr(obj, name)
-        if current is None:
-            raise ConfigError(
-                f"override {key}: {name} is None here; set the whole section in the preset."
+        if not dataclasses.is_dataclass(current):
+            prefix = key.rsplit(".", len(path) - 1)[0]  # the dotted key up to this field
+            what = (
+                "None in this config (set that section in the preset)"
+                if current is None
+                else f"a value of type {type(current).__name__}, not a config section"
             )
+            raise ConfigError(f"override {key}: {prefix} is {what}.")
         value = _override(current, path[1:], text, key)
     return dataclasses.replace(obj, **{name: value})
 
