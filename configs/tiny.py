@@ -4,11 +4,12 @@ Command (from the repository root):
 
     free-jax train --config configs/tiny.py
 
-Expected cost: about 20 s on one idle CPU core (600 steps of batch 32, ~45 steps/s after a
-few seconds of compilation), under 10 MB of checkpoints in `runs/tiny`. At the end the
-evaluation loss is about 0.02 (from about 6 at the start, a factor of over 100), both exits
-predict about 99% of the target tokens, and the shallow exit (2 of 4 decoder blocks) agrees
-with the deep one on about 99% of them.
+Expected cost: about 30 s on a 2-core CPU (600 steps of batch 32, 30-45 steps/s after about
+10 s of compilation), a few MB of checkpoints in `runs/tiny`. Expected result (measured): the
+mean training loss of the first 50 steps is about 4 and the final evaluation loss about 0.03
+(a factor of over 100); both exits predict over 99% of the target tokens, the shallow exit
+(2 of 4 decoder blocks) agrees with the deep one on about 99.6% of them, and greedy decoding
+reproduces about 97% of evaluation rows exactly.
 """
 
 from free_jax import T5Config

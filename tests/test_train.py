@@ -218,8 +218,21 @@ def test_meta_objective_trains_the_exit_classifier_only(tmp_path):
 @pytest.mark.slow
 def test_tiny_preset_learns_copy_and_the_exits_agree(tmp_path):
     """The tiny preset's own run (600 steps): the loss falls > 50x, the exits agree on > 95%."""
-    config = load_config(ROOT / "configs" / "tiny.py", [f"output_dir={tmp_path}", "progress=false"])
-    result = train(config)
+    config = load_config(
+        ROOT / "configs" / "tiny.py",
+        [f"output_dir={tmp_path}", "progress=false", "eval.decode=true"],
+    )
+    calls = []
+
+    def exact_match(predictions, references):  # the task-metric hook, on decoded texts
+        calls.append((list(predictions), list(references)))
+        return {
+            "exact_match": float(
+                np.mean([p == r for p, r in zip(predictions, references, strict=True)])
+            )
+        }
+
+    result = train(config, metric_fn=exact_match)
     train_records = [r for r in result.history if r["split"] == "train"]
     evals = [r for r in result.history if r["split"] == "eval"]
     first, last = train_records[0]["loss"], evals[-1]["eval/loss"]
@@ -227,9 +240,12 @@ def test_tiny_preset_learns_copy_and_the_exits_agree(tmp_path):
         f"tiny preset: train loss (first 50 steps) {first:.3f} -> eval loss {last:.4f} "
         f"(x{first / last:.0f}); eval accuracy shallow {evals[-1]['eval/acc_shallow']:.4f}, "
         f"deep {evals[-1]['eval/acc_deep']:.4f}; shallow/deep agreement "
-        f"{evals[-1]['eval/agreement']:.4f}"
+        f"{evals[-1]['eval/agreement']:.4f}; greedy exact match {evals[-1]['eval/exact_match']:.3f}"
     )
     assert first / last > 50
+    assert len(calls) == 3 and len(calls[0][0]) == config.data.eval_batch_size
+    assert calls[-1][1][0] and all(t.isdigit() for t in calls[-1][1][0].split())  # ids as text
+    assert evals[-1]["eval/exact_match"] > 0.9
     assert evals[-1]["eval/acc_deep"] > 0.95
     assert evals[-1]["eval/agreement"] > 0.95
     # The shallow exit alone decodes the task: static exiting after 2 of 4 blocks.

@@ -470,7 +470,7 @@ class Trainer:
                 predictions.append(
                     out.texts[i]
                     if out.texts is not None
-                    else _ids_text(out.tokens[i, : out.lengths[i]], self.model_config)
+                    else _detokenize(out.tokens[i, : out.lengths[i]], model, self.model_config)
                 )
                 mask = np.asarray(batch["loss_mask"][i]) > 0
                 label = np.asarray(batch["labels"][i])[mask]
