@@ -102,6 +102,9 @@ def test_cli_train_runs_logs_and_exports(cli_run, capsys):
         np.testing.assert_array_equal(a, b)
 
 
+# Orbax's failed asynchronous reads of the damaged files leave callbacks that fire after their
+# event loop has closed; Python reports them as unraisable. The restore itself fails cleanly.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_cli_train_resumes_and_skips_a_corrupt_checkpoint(cli_run, capsys):
     """A damaged latest step is skipped for the previous good one, with a clear message."""
     out, argv = cli_run
