@@ -326,6 +326,10 @@ class Trainer:
         self.primary = jax.process_index() == 0
         self.mesh = sharding.make_mesh(config.mesh)
         sharding.check_batch_divides(config.data.batch_size, self.mesh)
+        if config.data.num_eval_batches:
+            sharding.check_batch_divides(
+                config.data.eval_batch_size, self.mesh, "data.eval_batch_size"
+            )
         self.model = model if model is not None else self._build_model()
         self.model_config = self.model.config
         self._check_objective_fits()
