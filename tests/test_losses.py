@@ -151,11 +151,11 @@ def test_mse_cost_matrix_counts_real_tokens_only():
 _jit_mapping = jax.jit(losses.dynamic_layer_mapping)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     hnp.arrays(
         np.float32,
-        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=7),
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6),
         elements=st.floats(0, 10, width=32, allow_subnormal=False),  # XLA flushes subnormals
     )
 )
@@ -360,8 +360,7 @@ def test_free_objective_bfloat16_compute_is_close_and_keeps_float32_gradients(ti
     def loss(p, dtype):
         return losses.free_objective(p, model.config, batch, exit_layer=3, compute_dtype=dtype)[0]
 
-    loss32 = jax.jit(loss, static_argnums=1)(model.params, None)
-    loss16 = jax.jit(loss, static_argnums=1)(model.params, jnp.bfloat16)
+    loss32, loss16 = jax.jit(lambda p: (loss(p, None), loss(p, jnp.bfloat16)))(model.params)
     np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
     grads = jax.eval_shape(jax.grad(functools.partial(loss, dtype=jnp.bfloat16)), model.params)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))

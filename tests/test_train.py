@@ -53,6 +53,24 @@ def small_config(output_dir, **changes) -> TrainConfig:
     return dataclasses.replace(config, **changes)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module: runs that build the same training step
+    (a resumed run, the same preset) reuse its compiled program instead of compiling again."""
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    saved = {name: getattr(jax.config, name) for name in names}
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(names[1], 0.5)
+    jax.config.update(names[2], 0)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
 # ---------------------------------------------------------------------------- the CLI run
 
 
@@ -177,6 +195,7 @@ def _update_after_one_step(config, batch):
     return jax.device_get(state.params), before, metrics
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
     batch = testing.toy_batch("reverse", 0, batch_size=8, source_length=6, target_length=6)
     batch["loss_mask"][:3] = 0  # unequal token counts per micro-batch
