@@ -16,6 +16,7 @@ import pytest
 import free_jax
 from free_jax import cli, exit_classifier, testing
 from free_jax.checkpoint import read_metadata
+from free_jax.errors import ConfigError
 from free_jax.training import (
     CheckpointConfig,
     DataConfig,
@@ -27,6 +28,7 @@ from free_jax.training import (
     TrainConfig,
     Trainer,
     TrainingDivergedError,
+    checkpoints,
     load_config,
     train,
 )
@@ -145,6 +147,24 @@ def test_cli_train_resumes_and_skips_a_corrupt_checkpoint(cli_run, capsys):
     resumed = [r["step"] for r in records if r["split"] == "train"][4:]
     assert resumed == [9, 12, 14]
     assert sorted(p.name.split("-")[0] for p in (out / "checkpoints_bad").iterdir()) == ["12", "20"]
+
+
+def test_resuming_with_another_optimizer_is_refused_not_treated_as_damage(cli_run):
+    out, _ = cli_run
+    if not (out / "checkpoints").is_dir():
+        pytest.skip("needs the run of test_cli_train_runs_logs_and_exports")
+    config = load_config(
+        ROOT / "configs" / "tiny.py", [f"output_dir={out}", "optim.optimizer=adafactor"]
+    )
+    trainer = Trainer(config)
+    ckpt = checkpoints.TrainCheckpoints(out, config.checkpoint)
+    before = ckpt.steps()
+    try:
+        with pytest.raises(ConfigError, match=r"holds a training state of a different shape"):
+            ckpt.restore_latest(trainer.abstract_state())
+        assert ckpt.steps() == before  # nothing moved aside
+    finally:
+        ckpt.close()
 
 
 def test_cli_train_reports_bad_config_values(capsys):

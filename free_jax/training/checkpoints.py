@@ -16,6 +16,7 @@ that the resumed run can save that step again.
 
 from __future__ import annotations
 
+import collections
 import logging
 import shutil
 import time
@@ -23,12 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from free_jax.errors import ConfigError
 from free_jax.training.config import CheckpointConfig
 
 log = logging.getLogger("free_jax.training")
+
+
+def _signature(tree: Any) -> collections.Counter:
+    """The multiset of (shape, dtype) of a state's arrays (or of their saved metadata)."""
+    return collections.Counter(
+        (tuple(x.shape), str(np.dtype(x.dtype))) for x in jax.tree.leaves(tree)
+    )
 
 
 class TrainCheckpoints:
@@ -63,7 +73,14 @@ class TrainCheckpoints:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "meta"), options=options
+            self.directory,
+            item_names=("state", "meta"),
+            options=options,
+            # Explicit handlers let item_metadata read a step's array shapes before restoring.
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def steps(self) -> list[int]:
@@ -91,7 +108,21 @@ class TrainCheckpoints:
           `(state, meta)`, or None when there is no readable checkpoint.
         """
         self.manager.reload()
+        expected = _signature(abstract_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                saved = _signature(self.manager.item_metadata(step)["state"])
+            except Exception:  # noqa: BLE001 - unreadable metadata: a damaged step, below
+                saved = None
+            if saved is not None and saved != expected:
+                # Readable but different: another model or optimizer wrote it. Not damage, so
+                # nothing is moved; resuming would silently discard the run.
+                raise ConfigError(
+                    f"checkpoint step {step} in {self.directory} holds a training state of a "
+                    f"different shape ({sum(saved.values())} arrays; this configuration has "
+                    f"{sum(expected.values())}): another model, optimizer or objective wrote it. "
+                    f"Use a new output_dir for this configuration."
+                )
             try:
                 restored = self.manager.restore(
                     step,

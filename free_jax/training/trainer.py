@@ -309,14 +309,6 @@ def _fetch(tree: Any) -> Any:
     return jax.tree.map(leaf, tree)
 
 
-def _to_record(metrics: dict[str, Any]) -> dict[str, Any]:
-    record = {}
-    for key, value in metrics.items():
-        value = np.asarray(value)
-        record[key] = value.tolist() if value.ndim else float(value)
-    return record
-
-
 class Trainer:
     """One training run: the mesh, the model, the jitted steps, checkpoints and the loop."""
 
@@ -335,7 +327,8 @@ class Trainer:
         self._check_objective_fits()
         self.output_dir = Path(config.output_dir).absolute()
         self.objective = make_objective(config, self.model_config)
-        self.labels = trainable_labels(self._init_params_host(), config.objective.kind)
+        self._params0 = self._initial_params()
+        self.labels = trainable_labels(self._params0, config.objective.kind)
         self.tx, self.schedule = make_optimizer(config.optim, config.steps, self.labels)
         self.state_shardings = self._state_shardings()
         self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -373,7 +366,8 @@ class Trainer:
                 f"{L} decoder blocks."
             )
 
-    def _init_params_host(self) -> Params:
+    def _initial_params(self) -> Params:
+        """The model's parameters, plus a fresh exit classifier for the meta objective."""
         params = dict(self.model.params)
         if self.config.objective.kind == "meta" and exit_classifier.KEY not in params:
             key = jax.random.key(self.config.model.init_seed + 1)
@@ -385,7 +379,7 @@ class Trainer:
     def _abstract_state(self) -> TrainState:
         params = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-            self._init_params_host(),
+            self._params0,
         )
         return jax.eval_shape(
             lambda p: TrainState(
@@ -405,7 +399,7 @@ class Trainer:
 
     def init_state(self) -> TrainState:
         """A fresh state on the mesh: the model's parameters, a new optimizer state, the RNG."""
-        params = sharding.put_global(self._init_params_host(), self.state_shardings.params)
+        params = sharding.put_global(self._params0, self.state_shardings.params)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
         rng = jax.random.PRNGKey(self.config.seed)
         step = jnp.zeros((), jnp.int32)
