@@ -67,11 +67,12 @@ def source_for(
 ) -> BatchSource:
     """The batch source a configuration names: a toy task, or one of `free_jax.data`'s tasks.
 
-    Pipeline tasks call `free_jax.data.make_batch_source(data, split=..., seed=...,
-    batch_size=..., tokenizer=...)`, which must return a batch source as described above.
+    `split` is `data.train_split` or `data.eval_split`. Pipeline tasks call
+    `free_jax.data.make_batch_source(data, split=..., seed=..., batch_size=..., tokenizer=...)`,
+    which must return a batch source as described above.
     """
     if data.task in testing.TOY_TASKS:
-        if split != "train":
+        if split != data.train_split:
             seed += EVAL_SEED_OFFSET
         return toy_source(data, seed=seed, batch_size=batch_size)
     try:

@@ -493,7 +493,7 @@ class Trainer:
             if train_source is None:
                 train_source = inputs.source_for(
                     config.data,
-                    split="train",
+                    split=config.data.train_split,
                     seed=config.seed,
                     batch_size=config.data.batch_size,
                     tokenizer=self.model.tokenizer,
@@ -501,7 +501,7 @@ class Trainer:
             if eval_source is None and config.data.num_eval_batches:
                 eval_source = inputs.source_for(
                     config.data,
-                    split="eval",
+                    split=config.data.eval_split,
                     seed=config.seed,
                     batch_size=config.data.eval_batch_size,
                     tokenizer=self.model.tokenizer,
