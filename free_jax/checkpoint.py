@@ -352,7 +352,6 @@ def save(
     Returns:
       The absolute checkpoint directory.
     """
-    import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
@@ -374,7 +373,7 @@ def save(
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"metadata must be JSON-serialisable: {e}.") from e
     path.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
         checkpointer.save(path / "params", model.params)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(path / "tokenizer"))
@@ -382,6 +381,22 @@ def save(
     with open(path / FREE_JAX_META, "w") as f:
         f.write(header)
     return path
+
+
+def _checkpointer() -> Any:
+    """An orbax checkpointer for this process alone.
+
+    `save` and `load` work on one process's copy of the parameters. In a multi-process JAX job
+    orbax's default would wait at barriers for every process, and hang when (as after training)
+    only one process saves.
+    """
+    import orbax.checkpoint as ocp
+
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=options)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -396,7 +411,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _load_free_jax(path: Path, dtype: Any) -> Model:
-    import orbax.checkpoint as ocp
 
     meta_file = path / FREE_JAX_META
     try:
@@ -420,7 +434,7 @@ def _load_free_jax(path: Path, dtype: Any) -> Model:
             lambda: exit_classifier.init_exit_classifier(config, jax.random.key(0), stored_dtype)
         )
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _checkpointer() as checkpointer:
             params = checkpointer.restore(path.absolute() / "params", target)
     except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged checkpoints
         raise CheckpointError(f"cannot restore parameters from {path / 'params'}: {e}") from e

@@ -8,6 +8,7 @@
     free-jax fit-threshold agreement.npz [...]
     free-jax eval --model DIR_OR_HUB --task NAME [...]     (free_jax.eval_cli)
     free-jax demo [--out DIR] [--quick]                  (free_jax.eval_cli)
+    free-jax train --config configs/NAME.py [key=value ...] [--print-config]
 
 `decode` without `--model` runs on the embedded default: a tiny T5 built here from a fixed seed,
 with a SentencePiece tokenizer trained on the corpus shipped in `free_jax/assets`. It needs no
@@ -94,6 +95,25 @@ def _threshold_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "train",
+        help="train with FREE's shallow-deep loss (or CALM's, or the exit classifier)",
+        description="Trains (or resumes) the run a preset describes. Presets are Python files in "
+        "configs/ defining get_config(); each docstring gives its command and cost.",
+    )
+    parser.add_argument("--config", required=True, help="preset file, e.g. configs/tiny.py")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. steps=100 optim.learning_rate=3e-4 data.batch_size=16",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the final config as JSON and exit"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="free-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_cli.add_eval_parser(sub)
     eval_cli.add_demo_parser(sub)
+    _train_parser(sub)
     return parser
 
 
@@ -212,6 +233,46 @@ def run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from free_jax.training import load_config, train
+    from free_jax.training.trainer import TrainingDivergedError
+
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2, default=str))
+        return 0
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    train_log = logging.getLogger("free_jax.training")
+    train_log.addHandler(handler)
+    train_log.setLevel(logging.INFO)
+    train_log.propagate = False  # orbax's absl logging may have configured the root logger
+    started = time.perf_counter()
+    try:
+        result = train(config)
+    except TrainingDivergedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        train_log.removeHandler(handler)
+        train_log.propagate = True
+    last = {}
+    for record in result.history:
+        last[record["split"]] = record
+    summary = {
+        "step": result.step,
+        "output_dir": str(result.output_dir),
+        "best_step": result.best_step,
+        "train_loss": last.get("train", {}).get("loss"),
+        **{k: v for k, v in last.get("eval", {}).items() if k.startswith("eval/")},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -221,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             from free_jax import eval_cli
 
             return eval_cli.run_eval(args) if args.command == "eval" else eval_cli.run_demo(args)
+        if args.command == "train":
+            return run_train(args)
         from free_jax import threshold_cli
 
         return threshold_cli.run(args)

@@ -1092,3 +1092,51 @@ def eval_batches(
             example_ids=mine,
             references=tuple(examples.references[i] for i in mine if i >= 0),
         )
+
+
+# ---------------------------------------------------------------------------- trainer hook
+
+
+def make_batch_source(
+    data: Any, *, split: str, seed: int, batch_size: int, tokenizer: Any
+) -> Callable[[int], Iterator[dict[str, np.ndarray]]]:
+    """The trainer's entry point (`free_jax.training.inputs.source_for`) into this pipeline.
+
+    Args:
+      data: a `free_jax.training.config.DataConfig`: `task` (a registered task), `dataset` (local
+        `.json`/`.jsonl`/`.csv` file(s), comma-separated, or None for the task's shipped files or
+        its hub dataset), `prefix` (replaces the task's when given), `source_length` and
+        `target_length` (the static S and T), `train_split` / `eval_split`.
+      split: the split to read.
+      seed: fixes the order of training batches (evaluation batches keep the split's order).
+      batch_size: global rows per batch.
+      tokenizer: the model's tokenizer.
+
+    Returns:
+      `source(start_step) -> iterator` of global batches; the batch at step s depends only on
+      (seed, s), so resumed runs see what uninterrupted ones would.
+    """
+    if tokenizer is None:
+        raise ConfigError(
+            f"data.task={data.task!r} needs a tokenizer; the model (model.name or its checkpoint) "
+            "has none."
+        )
+    overrides: dict[str, Any] = dict(
+        max_source_length=data.source_length, max_target_length=data.target_length
+    )
+    if data.prefix:
+        overrides["prefix"] = data.prefix
+    task = get_task(data.task, **overrides)
+    files = None
+    if data.dataset:
+        files = [part.strip() for part in str(data.dataset).split(",") if part.strip()]
+    examples = load_examples(task, tokenizer, split=split, data_files=files)
+    training = split == data.train_split
+    batches = TrainBatches(
+        examples, batch_size, seed=seed, shuffle=training, drop_remainder=training
+    )
+
+    def source(start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        return batches.iterate(start_step)
+
+    return source

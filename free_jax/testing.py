@@ -215,3 +215,69 @@ def load_hf_reference(directory: str | os.PathLike) -> Any:
         model_type = json.load(f).get("model_type")
     _, model_class = _hf_classes(model_type)
     return model_class.from_pretrained(str(directory)).eval()
+
+
+# ---------------------------------------------------------------------------- toy tasks
+
+TOY_TASKS = ("copy", "reverse", "sort")
+TOY_FIRST_SYMBOL = 2  # ids 0 (pad/start) and 1 (EOS) are never symbols
+
+
+def toy_batch(
+    task: str,
+    step: int,
+    *,
+    batch_size: int,
+    source_length: int,
+    target_length: int,
+    seed: int = 0,
+    num_symbols: int = 16,
+    min_length: int = 2,
+) -> dict[str, np.ndarray]:
+    """One batch of a toy sequence task, in the training batch contract.
+
+    Each row is `n` distinct symbols (ids `2 .. 2 + num_symbols`), `n` uniform in
+    `[min_length, max_length]`, followed by EOS (1) and padding (0); the target is the same
+    symbols copied, reversed or sorted, then EOS. The batch depends only on `(seed, step)`, so a
+    resumed run sees exactly the batches an uninterrupted one would.
+
+    Returns:
+      `input_ids`, `attention_mask` int32[B, S]; `decoder_input_ids`, `labels` int32[B, T];
+      `loss_mask` float32[B, T] (see `free_jax.training`).
+    """
+    if task not in TOY_TASKS:
+        raise ValueError(f"task={task!r} is not a toy task; valid: {TOY_TASKS}.")
+    max_length = min(source_length, target_length) - 1  # room for EOS
+    if not 1 <= min_length <= max_length or max_length > num_symbols:
+        raise ValueError(
+            f"toy rows of {min_length}..{max_length} distinct symbols do not fit "
+            f"source_length={source_length}, target_length={target_length} (each needs one "
+            f"more for EOS) and num_symbols={num_symbols}."
+        )
+    rng = np.random.default_rng([seed, step])
+    B, S, T = batch_size, source_length, target_length
+    input_ids = np.zeros((B, S), np.int32)
+    labels = np.zeros((B, T), np.int32)
+    for b in range(B):
+        n = int(rng.integers(min_length, max_length + 1))
+        symbols = rng.permutation(num_symbols)[:n] + TOY_FIRST_SYMBOL
+        target = {"copy": symbols, "reverse": symbols[::-1], "sort": np.sort(symbols)}[task]
+        input_ids[b, :n], input_ids[b, n] = symbols, 1
+        labels[b, :n], labels[b, n] = target, 1
+    decoder_input_ids = np.zeros_like(labels)  # the start token (0), then labels shifted right
+    decoder_input_ids[:, 1:] = labels[:, :-1]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (input_ids != 0).astype(np.int32),
+        "decoder_input_ids": decoder_input_ids,
+        "labels": labels,
+        "loss_mask": (labels != 0).astype(np.float32),
+    }
+
+
+def toy_batches(task: str, start_step: int = 0, **kwargs: Any):
+    """The endless stream `toy_batch(task, step, **kwargs)` for step = start_step, ..."""
+    step = start_step
+    while True:
+        yield toy_batch(task, step, **kwargs)
+        step += 1

@@ -594,3 +594,23 @@ def test_bad_lengths_and_batch_sizes(many):
         data.TrainBatches(many, 4).batch_at(-1)
     with pytest.raises(ConfigError, match="batch shape is \\(8, 8\\)"):
         data.make_batch(many, np.arange(4), source_length=8, target_length=8)
+
+
+def test_trainer_batch_source_is_deterministic_and_resumable(tok, samsum_file, cache, monkeypatch):
+    from free_jax.training import inputs
+
+    monkeypatch.setenv("FREE_JAX_CACHE", str(cache))
+    from free_jax.training.config import DataConfig
+
+    config = DataConfig(
+        task="samsum", dataset=str(samsum_file), source_length=24, target_length=8, batch_size=2
+    )
+    source = inputs.source_for(config, split="train", seed=3, batch_size=2, tokenizer=tok)
+    first = [b for _, b in zip(range(4), source(0), strict=False)]
+    resumed = next(iter(source(2)))
+    for key in data.BATCH_KEYS:
+        np.testing.assert_array_equal(resumed[key], first[2][key])
+        assert first[0][key].shape[0] == 2
+    assert first[0]["input_ids"].shape == (2, 24) and first[0]["labels"].shape == (2, 8)
+    with pytest.raises(ConfigError, match="needs a tokenizer"):
+        data.make_batch_source(config, split="train", seed=0, batch_size=2, tokenizer=None)
