@@ -1,8 +1,5 @@
 """FREE on LongT5-base (TGlobal), Multi-News multi-document summarisation (L_s = 3 of 12).
 
-Placeholder until free_jax supports LongT5 (being built in parallel): loading this preset
-fails with a clear ConfigError naming the unsupported model type. Once `T5Config` accepts
-model_type "longt5", it runs unchanged.
 
 Command (needs google/long-t5-tglobal-base, Multi-News through `free_jax.data`, accelerators):
 

@@ -154,7 +154,7 @@ def test_exact_mode_equals_full_greedy_for_any_threshold(quantile, K):
     np.testing.assert_array_equal(out.lengths, full.lengths)
 
 
-@pytest.mark.parametrize("mode", ["default", "exact"])
+@pytest.mark.parametrize("mode", ["default", pytest.param("exact", marks=pytest.mark.slow)])
 def test_batch_equals_rows_decoded_alone(model, batch, mode):
     ids, mask = batch
     threshold = float(np.quantile(_confidences(model, batch), 0.5))
@@ -296,6 +296,7 @@ def test_adaptive_threshold_rejects_unbounded_confidence(model, batch):
         _free(model, batch, ThresholdEstimator(), confidence="state_cosine")
 
 
+@pytest.mark.slow  # the rollback rules are tested on scripted steps in test_spd.py
 def test_rollback_mode_on_a_model(model, batch):
     """Margin 1 never rolls back (the default mode); margin 0 leaves no checked disagreement."""
     threshold = float(np.quantile(_confidences(model, batch), 0.4))

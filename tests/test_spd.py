@@ -320,7 +320,7 @@ def test_rollback_within_the_margin_is_the_default_mode():
     np.testing.assert_array_equal(np.asarray(loose.exited), np.asarray(default.exited))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     threshold=st.floats(0.0, 1.0),

@@ -58,11 +58,11 @@ def test_presets_load_with_the_papers_settings(name, exit_layer, model_name):
 
 
 @pytest.mark.parametrize("name", ["longt5_base_multinews", "longt5_base_bigpatent"])
-def test_longt5_presets_fail_clearly_until_longt5_is_supported(name):
-    text = (CONFIGS / f"{name}.py").read_text()
-    assert "google/long-t5-tglobal-base" in text and 'model_type="longt5"' in text
-    with pytest.raises(ConfigError, match=r"model_type='longt5' is not supported by this free_jax"):
-        load_config(CONFIGS / f"{name}.py")
+def test_longt5_presets_load(name):
+    config = load_config(CONFIGS / f"{name}.py")
+    assert config.model.name == "google/long-t5-tglobal-base"
+    assert config.model.model_type == "longt5" and config.objective.exit_layer == 3
+    assert (config.data.source_length, config.data.target_length) == (2048, 512)
 
 
 def test_missing_preset_lists_the_available_ones():

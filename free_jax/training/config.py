@@ -57,7 +57,7 @@ class ModelSpec:
     Attributes:
       name: a checkpoint directory or Hugging Face hub name for `free_jax.load`; None builds a
         random model from `arch` (toy runs, tests, benchmarks).
-      model_type: the family ("t5", "mt5"; "longt5" once free_jax supports it).
+      model_type: the family ("t5", "mt5", "longt5").
       arch: the architecture of a random model (required when `name` is None).
       init_seed: seed of the random model and of a fresh exit classifier.
     """
