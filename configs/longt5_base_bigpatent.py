@@ -1,6 +1,5 @@
 """FREE on LongT5-base (TGlobal), BIGPATENT category E summarisation (L_s = 3 of 12).
 
-
 Command (needs google/long-t5-tglobal-base, BIGPATENT through `free_jax.data`, accelerators):
 
     free-jax train --config configs/longt5_base_bigpatent.py

@@ -1,6 +1,5 @@
 """FREE on LongT5-base (TGlobal), Multi-News multi-document summarisation (L_s = 3 of 12).
 
-
 Command (needs google/long-t5-tglobal-base, Multi-News through `free_jax.data`, accelerators):
 
     free-jax train --config configs/longt5_base_multinews.py
