@@ -114,10 +114,11 @@ def test_cli_train_runs_logs_and_exports(cli_run, capsys):
     assert summary["best_step"] in kept
     # Exports: a free_jax checkpoint with FREE metadata, and a Hugging Face directory.
     final = free_jax.load(out / "final")
-    meta = read_metadata(out / "final")
+    meta = read_metadata(out / "final")["free"]
     assert meta["exit_layer"] == 2 and meta["confidence"] == "softmax_diff"
     assert meta["threshold"] == 0.9
     hf = free_jax.load(out / "hf")
+    assert final.metadata == hf.metadata and hf.metadata["free"] == meta  # decode's defaults
     for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(hf.params), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -630,14 +630,16 @@ class Trainer:
             return
         export = self.config.export
         obj = self.config.objective
+        # "free" holds the settings `free_jax.decode` takes as its defaults for this model.
         metadata = {
-            "exit_layer": obj.exit_layer,
-            "confidence": "meta" if obj.kind == "meta" else export.confidence,
-            "threshold": export.threshold,
-            "objective": obj.kind,
-            "kd": obj.kd,
-            "steps": self.config.steps,
+            "free": {
+                "exit_layer": obj.exit_layer,
+                "confidence": "meta" if obj.kind == "meta" else export.confidence,
+                "threshold": export.threshold,
+            },
+            "training": {"objective": obj.kind, "kd": obj.kd, "steps": self.config.steps},
         }
+        model = dataclasses.replace(model, metadata=metadata)
         if export.free_jax:
             final = self.output_dir / "final"
             if final.exists():
