@@ -32,7 +32,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from free_jax import exit_classifier, modeling
+from free_jax import modeling
+from free_jax.confidence import exit_confidence
 from free_jax.config import T5Config
 from free_jax.kv_cache import DecoderCache
 from free_jax.search import GreedyResult, greedy_search
@@ -103,14 +104,10 @@ class CalmResult:
 
 def _confidence(name, params, config, climb: _Climb) -> tuple[Array, Array]:
     """(confidence float32[B], exit logits float32[B, V]) at the climb's current block."""
-    from free_jax.decoding import confidence_score  # decoding imports this module
-
     hidden = climb.hidden[:, 0]
     logits = modeling.exit_head(params, config, hidden)
-    if name == "meta":
-        return exit_classifier.exit_classifier_confidence(params, config, hidden), logits
-    states = (climb.previous[:, 0], hidden) if name == "state_cosine" else ()
-    return confidence_score(name, logits, states), logits
+    score = exit_confidence(name, params, config, logits, hidden, climb.previous[:, 0])
+    return score, logits
 
 
 def calm_step(
@@ -222,11 +219,11 @@ def calm_decode(
       confidence: "softmax_diff", "softmax_max", "state_cosine" or "meta".
       tau: the decay's temperature τ; None for a constant threshold.
     """
-    from free_jax.decoding import _start_decoding  # decoding imports this module
-
     B, T = input_ids.shape[0], max_new_tokens
     L = config.num_decoder_layers
-    params, cache = _start_decoding(params, config, input_ids, attention_mask, max_new_tokens)
+    params, cache = modeling.start_decoding(
+        params, config, input_ids, attention_mask, max_new_tokens
+    )
     carry = CalmCarry(
         cache=cache,
         done=jnp.zeros((B,), bool),

@@ -33,14 +33,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from free_jax import calm, exit_classifier, modeling, spd
+from free_jax import calm, modeling, spd
+from free_jax.confidence import CONFIDENCES, exit_confidence
 from free_jax.config import T5Config
 from free_jax.errors import InputError
+from free_jax.exit_classifier import KEY as EXIT_CLASSIFIER_KEY
+from free_jax.exit_classifier import has_exit_classifier
 from free_jax.model import Model, check_token_ids
 from free_jax.search import greedy_search
 
 METHODS = ("full", "static", "free", "calm", "oracle")
-CONFIDENCES = ("softmax_diff", "softmax_max", "state_cosine", "meta")
 MODES = spd.MODES
 # Source lengths are padded up to a multiple of this (masked), so a stream of inputs of varying
 # length compiles a handful of times instead of once per length.
@@ -89,20 +91,10 @@ class DecodeOutput:
         return float(self.exited.sum() / n) if n else 0.0
 
 
-def _start_decoding(params, config, input_ids, attention_mask, max_new_tokens, num_layers=None):
-    """What every decoding method does first: encode, build the decoder cache for blocks
-    [0, num_layers), rearrange the weights for decoding. Returns (decode-layout params, cache)."""
-    encoder_output = modeling.encode(params, config, input_ids, attention_mask)
-    cache = modeling.init_decoder_cache(
-        params, config, encoder_output, attention_mask, max_new_tokens, num_layers=num_layers
-    )
-    return modeling.fuse_for_decoding(params), cache
-
-
 def _greedy(params, input_ids, attention_mask, *, config, stop, max_new_tokens, min_new_tokens):
     """Greedy decoding through decoder blocks [0, stop) and the exit head."""
     B = input_ids.shape[0]
-    params, cache = _start_decoding(
+    params, cache = modeling.start_decoding(
         params, config, input_ids, attention_mask, max_new_tokens, num_layers=stop
     )
 
@@ -184,32 +176,6 @@ def oracle_exit_layers(params, input_ids, attention_mask, tokens, *, config):
     return (jnp.argmax(preds == preds[-1][None], axis=0) + 1).astype(jnp.int32)
 
 
-def confidence_score(name: str, logits: jax.Array, states: tuple[jax.Array, ...]) -> jax.Array:
-    """Exit confidence per row, float32[B].
-
-    Args:
-      name: "softmax_diff" (top-1 minus top-2 probability, FREE's default), "softmax_max"
-        (top-1 probability) or "state_cosine" (cosine similarity of the residual stream before
-        and after the exit's last block: CALM's state saturation).
-      logits: [B, V] at the exit.
-      states: the residual streams [B, D] before and after the exit's last block.
-    """
-    if name == "state_cosine":
-        before, after = (x.astype(jnp.float32) for x in states)
-        dot = jnp.sum(before * after, axis=-1)
-        norms = jnp.linalg.norm(before, axis=-1) * jnp.linalg.norm(after, axis=-1)
-        return dot / jnp.maximum(norms, 1e-12)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    first = jnp.max(probs, axis=-1)
-    if name == "softmax_max":
-        return first
-    # Two reductions rather than lax.top_k, which sorts on CPU. Ties make the difference 0, as
-    # they should: the second-largest is found by masking only the first arg-max.
-    top = jnp.argmax(probs, axis=-1)
-    masked = jnp.where(jnp.arange(probs.shape[-1]) == top[:, None], -1.0, probs)
-    return first - jnp.max(masked, axis=-1)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -259,7 +225,9 @@ def free_decode(
     """
     B = input_ids.shape[0]
     L, Ls = config.num_decoder_layers, exit_layer
-    params, cache = _start_decoding(params, config, input_ids, attention_mask, max_new_tokens)
+    params, cache = modeling.start_decoding(
+        params, config, input_ids, attention_mask, max_new_tokens
+    )
 
     def shallow_fn(cache, tokens, active):
         x = modeling.embed(params, tokens[:, None])  # [B, 1, D]
@@ -275,14 +243,11 @@ def free_decode(
         )
         hidden = out.hidden[:, 0]  # [B, D]
         logits = modeling.exit_head(params, config, hidden)
-        if confidence == "meta":
-            score = exit_classifier.exit_classifier_confidence(params, config, hidden)
-            return logits, hidden, score, out.cache
-        states = ()
+        before = None
         if confidence == "state_cosine":
             before = out.block_states[-2][:, 0] if Ls > 1 else x[:, 0]
-            states = (before, hidden)
-        return logits, hidden, confidence_score(confidence, logits, states), out.cache
+        score = exit_confidence(confidence, params, config, logits, hidden, before)
+        return logits, hidden, score, out.cache
 
     def deep_fn(cache, queries, num_new):
         out = modeling.decoder_blocks(
@@ -524,10 +489,10 @@ def decode(
         confidence = saved.get("confidence", "softmax_diff") if confidence is None else confidence
         if confidence not in CONFIDENCES:
             raise InputError(f"confidence={confidence!r} is not known; valid: {CONFIDENCES}.")
-        if confidence == "meta" and not exit_classifier.has_exit_classifier(model.params):
+        if confidence == "meta" and not has_exit_classifier(model.params):
             raise InputError(
                 "confidence='meta' needs a model with a trained exit classifier head "
-                f"(params[{exit_classifier.KEY!r}]), and this model has none; train one "
+                f"(params[{EXIT_CLASSIFIER_KEY!r}]), and this model has none; train one "
                 "(free_jax.training, objective 'meta') or use 'softmax_diff', 'softmax_max' or "
                 "'state_cosine'."
             )

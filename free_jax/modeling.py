@@ -487,6 +487,23 @@ def copy_state_kv(
     return cache.replace(layers=tuple(layers))
 
 
+def start_decoding(
+    params: Params,
+    config: T5Config,
+    input_ids: Array,
+    attention_mask: Array,
+    max_new_tokens: int,
+    num_layers: int | None = None,
+) -> tuple[Params, DecoderCache]:
+    """What every decoding method does first: encode, build the decoder cache for blocks
+    [0, num_layers), rearrange the weights for decoding. Returns (decode-layout params, cache)."""
+    encoder_output = encode(params, config, input_ids, attention_mask)
+    cache = init_decoder_cache(
+        params, config, encoder_output, attention_mask, max_new_tokens, num_layers=num_layers
+    )
+    return fuse_for_decoding(params), cache
+
+
 def exit_head(params: Params, config: T5Config, hidden: Array) -> Array:
     """The exit shared by every block: final RMS norm, the v1.0 rescale, the LM head.
 
