@@ -58,7 +58,7 @@ from free_jax.errors import ConfigError, DataError
 FieldSpec = str | Callable[[Mapping[str, Any]], Any]
 
 # Bump when the cached arrays' layout or the tokenisation rule changes.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the demo task's source keeps its case
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv"}
 _ENCODE_CHUNK = 1000
 BATCH_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels", "loss_mask")
@@ -198,7 +198,7 @@ TASKS: Mapping[str, Task] = {
             hub_path="IWSLT/iwslt2017",
             hub_config="iwslt2017-de-en",
         ),
-        # The embedded demo's task (free_jax.demo_data): punctuation and capitalisation
+        # The embedded demo's task (free_jax.demo_data): punctuation
         # restoration of sentences of ACL papers, its splits shipped in free_jax/assets/demo.
         Task(
             name=demo_data.TASK_NAME,
@@ -944,6 +944,11 @@ class TrainBatches:
       shuffle: False keeps the split's order in every epoch.
       source_buckets, target_buckets: extra, smaller S and T shapes (module docstring); the
         task's maximum lengths are always included. Default: the maximum lengths only.
+      group_by_length: 0 (off) or G > 1: each epoch's permutation is cut into windows of G
+        batches, each window is sorted by the longer of source and target length and cut into
+        batches, and the epoch's batches are shuffled. Rows of a batch then have similar
+        lengths, so with buckets most batches take a small shape (about half the padded compute
+        on the demo task), while the order stays a pure function of (seed, epoch).
       process_index, process_count: this process and the number of processes
         (`jax.process_index()`, `jax.process_count()`).
       decoder_start_id: the decoder's first input; default the pad id.
@@ -959,6 +964,7 @@ class TrainBatches:
         shuffle: bool = True,
         source_buckets: Sequence[int] | None = None,
         target_buckets: Sequence[int] | None = None,
+        group_by_length: int = 0,
         process_index: int = 0,
         process_count: int = 1,
         decoder_start_id: int | None = None,
@@ -966,6 +972,13 @@ class TrainBatches:
         _check_processes(global_batch_size, process_index, process_count)
         if not isinstance(seed, int | np.integer) or not 0 <= seed < 2**64:
             raise ConfigError(f"seed={seed!r}; must be an int in [0, 2**64).")
+        if not isinstance(group_by_length, int | np.integer) or not (
+            group_by_length == 0 or group_by_length >= 2
+        ):
+            raise ConfigError(
+                f"group_by_length={group_by_length!r}; must be 0 (off) or an int >= 2 (batches "
+                "per sorted window)."
+            )
         n = len(examples)
         if drop_remainder and n < global_batch_size:
             raise ConfigError(
@@ -980,6 +993,7 @@ class TrainBatches:
         self.process_index = process_index
         self.process_count = process_count
         self.decoder_start_id = decoder_start_id
+        self.group_by_length = int(group_by_length)
         self.steps_per_epoch = (
             n // self.global_batch_size if drop_remainder else -(-n // self.global_batch_size)
         )
@@ -998,8 +1012,28 @@ class TrainBatches:
         if self._order is None or self._order[0] != epoch:
             n = len(self.examples)
             order = epoch_permutation(n, self.seed, epoch) if self.shuffle else np.arange(n)
+            if self.group_by_length:
+                order = self._grouped(order, epoch)
             self._order = (epoch, order)
         return self._order[1]
+
+    def _grouped(self, order: np.ndarray, epoch: int) -> np.ndarray:
+        """`order` with rows sorted by length inside windows, then whole batches shuffled."""
+        b = self.global_batch_size
+        used = len(order) // b * b
+        head, tail = order[:used], order[used:]  # the remainder: dropped, or the last batch
+        window = self.group_by_length * b
+        # The longer side decides a batch's buckets, so sort by it.
+        lengths = np.maximum(self.examples.source_lengths, self.examples.target_lengths)
+        parts = [
+            chunk[np.argsort(lengths[chunk], kind="stable")]
+            for chunk in np.split(head, range(window, len(head), window))
+        ]
+        batches = np.concatenate(parts).reshape(-1, b) if len(head) else head.reshape(0, b)
+        if self.shuffle:
+            # A second hash stream (the bit-flipped seed): batch order independent of row order.
+            batches = batches[epoch_permutation(len(batches), self.seed ^ (2**63), epoch)]
+        return np.concatenate([batches.reshape(-1), tail])
 
     def global_indices(self, step: int) -> np.ndarray:
         """int64[B]: the examples of step `step`'s global batch; -1 marks an empty row."""
@@ -1132,8 +1166,16 @@ def make_batch_source(
         files = [part.strip() for part in str(data.dataset).split(",") if part.strip()]
     examples = load_examples(task, tokenizer, split=split, data_files=files)
     training = split == data.train_split
+    buckets = tuple(getattr(data, "length_buckets", ()) or ()) or None
     batches = TrainBatches(
-        examples, batch_size, seed=seed, shuffle=training, drop_remainder=training
+        examples,
+        batch_size,
+        seed=seed,
+        shuffle=training,
+        drop_remainder=training,
+        source_buckets=buckets,
+        target_buckets=buckets,
+        group_by_length=getattr(data, "group_by_length", 0) if training else 0,
     )
 
     def source(start_step: int) -> Iterator[dict[str, np.ndarray]]:

@@ -433,6 +433,41 @@ def test_length_buckets(many):
         data.TrainBatches(many, 4, source_buckets=[8, 40])
 
 
+def test_group_by_length_keeps_epochs_and_cuts_padding(many):
+    plain = data.TrainBatches(many, 2, seed=3, source_buckets=(8, 16, 24))
+    grouped = data.TrainBatches(many, 2, seed=3, source_buckets=(8, 16, 24), group_by_length=4)
+    longer = np.maximum(many.source_lengths, many.target_lengths)
+
+    def padded_cost(batches, epoch):
+        steps = range(epoch * batches.steps_per_epoch, (epoch + 1) * batches.steps_per_epoch)
+        return sum(batches.batch_at(s)["input_ids"].size for s in steps)
+
+    for epoch in (0, 1):
+        steps = range(epoch * grouped.steps_per_epoch, (epoch + 1) * grouped.steps_per_epoch)
+        rows = np.concatenate([grouped.global_indices(s) for s in steps])
+        assert len(set(rows)) == len(rows) == 22  # 23 // 2 batches, each example at most once
+        # Within a window of 4 batches the rows are sorted by length, so batches are narrower.
+        assert padded_cost(grouped, epoch) < padded_cost(plain, epoch)
+        spread = [np.ptp(longer[grouped.global_indices(s)]) for s in steps]
+        plain_spread = [np.ptp(longer[plain.global_indices(s)]) for s in steps]
+        assert np.mean(spread) < np.mean(plain_spread)
+    # A pure function of (seed, step): a fresh instance, resumed mid-epoch, agrees.
+    again = data.TrainBatches(many, 2, seed=3, source_buckets=(8, 16, 24), group_by_length=4)
+    for step in (13, 2, 30):
+        np.testing.assert_array_equal(again.global_indices(step), grouped.global_indices(step))
+    other = data.TrainBatches(many, 2, seed=4, source_buckets=(8, 16, 24), group_by_length=4)
+    assert any(
+        not np.array_equal(other.global_indices(s), grouped.global_indices(s)) for s in range(11)
+    )
+    # drop_remainder=False: the remainder still comes last, in a padded batch.
+    padded = data.TrainBatches(many, 5, seed=0, drop_remainder=False, group_by_length=2)
+    seen = np.concatenate([padded.global_indices(s) for s in range(padded.steps_per_epoch)])
+    assert sorted(seen[seen >= 0]) == list(range(23))
+    for bad in (1, -2, 2.5):
+        with pytest.raises(ConfigError, match="group_by_length"):
+            data.TrainBatches(many, 2, group_by_length=bad)
+
+
 def test_eval_batches_in_order_with_references(many):
     batches = list(data.eval_batches(many, 5))
     assert len(batches) == 5

@@ -203,9 +203,14 @@ def test_check_batch_enforces_the_contract():
     checked = inputs.check_batch(batch, 4, 6, 5)
     assert checked["loss_mask"].dtype == np.float32 and checked["labels"].dtype == np.int32
     with pytest.raises(
-        InputError, match=r"batch\['decoder_input_ids'\] has shape \(4, 5\), expected \(4, 7\)"
+        InputError,
+        match=r"batch\['decoder_input_ids'\] has shape \(4, 5\), expected \(4, L\) with L in \[7\]",
     ):
         inputs.check_batch(batch, 4, 6, 7)
+    # Length buckets admit smaller shapes, and only those.
+    inputs.check_batch(batch, 4, 8, 7, length_buckets=(5, 6))
+    with pytest.raises(InputError, match=r"with L in \[4, 8\]"):
+        inputs.check_batch(batch, 4, 8, 7, length_buckets=(4,))
     with pytest.raises(InputError, match=r"batch lacks \['loss_mask'\]"):
         inputs.check_batch({k: v for k, v in batch.items() if k != "loss_mask"}, 4, 6, 5)
     with pytest.raises(InputError, match=r"must hold integers"):

@@ -60,12 +60,15 @@ class ModelSpec:
       model_type: the family ("t5", "mt5", "longt5").
       arch: the architecture of a random model (required when `name` is None).
       init_seed: seed of the random model and of a fresh exit classifier.
+      tokenizer: a tokenizer directory for a random model that trains on text (the demo's is
+        `free_jax/assets/demo/tokenizer`); a checkpoint brings its own.
     """
 
     name: str | None = None
     model_type: str = "t5"
     arch: T5Config | None = None
     init_seed: int = 0
+    tokenizer: str | None = None
 
     def __post_init__(self):
         if self.name is None and self.arch is None:
@@ -98,6 +101,11 @@ class DataConfig:
       num_symbols: toy tasks: distinct symbols.
       min_length: toy tasks: shortest row.
       train_split, eval_split: pipeline tasks: dataset splits.
+      length_buckets: pipeline tasks: smaller padded lengths a batch may take, for sources and
+        targets alike (`free_jax.data.TrainBatches`' buckets); () pads every batch to
+        source_length / target_length. Each (S, T) pair used compiles once.
+      group_by_length: pipeline tasks: 0, or batches per length-sorted window
+        (`TrainBatches(group_by_length=...)`), so batches fit small buckets.
     """
 
     task: str = "copy"
@@ -112,6 +120,8 @@ class DataConfig:
     min_length: int = 2
     train_split: str = "train"
     eval_split: str = "validation"
+    length_buckets: tuple[int, ...] = ()
+    group_by_length: int = 0
 
     def __post_init__(self):
         for name in (
@@ -126,6 +136,21 @@ class DataConfig:
         _positive_int("DataConfig", "num_eval_batches", self.num_eval_batches, minimum=0)
         if not isinstance(self.task, str) or not self.task:
             raise ConfigError(f"DataConfig.task must be a non-empty string, got {self.task!r}.")
+        if not (
+            self.group_by_length == 0
+            or (isinstance(self.group_by_length, int) and self.group_by_length >= 2)
+        ):
+            raise ConfigError(
+                f"DataConfig.group_by_length={self.group_by_length!r}; must be 0 (off) or an "
+                "int >= 2 (batches per length-sorted window)."
+            )
+        longest = min(self.source_length, self.target_length)
+        bad = [b for b in self.length_buckets if not isinstance(b, int) or not 1 <= b <= longest]
+        if bad:
+            raise ConfigError(
+                f"DataConfig.length_buckets={self.length_buckets!r}: {bad} not in [1, {longest}] "
+                "(min of source_length and target_length)."
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -319,13 +344,18 @@ class ExportConfig:
     Attributes:
       free_jax: a `free_jax.save` checkpoint in `final/` with FREE metadata.
       hf: a Hugging Face directory in `hf/` (`free_jax.export_hf`).
-      confidence, threshold: the FREE decoding settings recorded in the metadata.
+      confidence, threshold, buffer_capacity: the FREE decoding settings recorded in the
+        metadata (`free_jax.decode`'s defaults for the model).
     """
 
     free_jax: bool = True
     hf: bool = True
     confidence: str = "softmax_diff"
     threshold: float = 0.9
+    buffer_capacity: int = 8
+
+    def __post_init__(self):
+        _positive_int("ExportConfig", "buffer_capacity", self.buffer_capacity)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -11,7 +11,7 @@ start and the first `start_step` batches are skipped (exact only if it repeats i
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,8 +91,17 @@ def source_for(
     return make(data, split=split, seed=seed, batch_size=batch_size, tokenizer=tokenizer)
 
 
-def check_batch(batch: Mapping[str, Any], batch_size: int, source_length: int, target_length: int):
+def check_batch(
+    batch: Mapping[str, Any],
+    batch_size: int,
+    source_length: int,
+    target_length: int,
+    length_buckets: Sequence[int] = (),
+):
     """Validates one batch against the contract and the configured static shapes.
+
+    A batch's source and target lengths are each `source_length` / `target_length` or one of
+    `length_buckets` (`DataConfig.length_buckets`): a bounded set of shapes, each compiled once.
 
     Returns:
       The batch as a dict of NumPy arrays with the contract's dtypes (int32, loss_mask float32).
@@ -104,23 +113,32 @@ def check_batch(batch: Mapping[str, Any], batch_size: int, source_length: int, t
         raise InputError(
             f"batch lacks {missing}; the contract is {BATCH_KEYS} (see free_jax.training)."
         )
-    expected = {
-        "input_ids": (batch_size, source_length),
-        "attention_mask": (batch_size, source_length),
-        "decoder_input_ids": (batch_size, target_length),
-        "labels": (batch_size, target_length),
-        "loss_mask": (batch_size, target_length),
+    allowed_source = {source_length, *length_buckets}
+    allowed_target = {target_length, *length_buckets}
+    lengths = {
+        "input_ids": allowed_source,
+        "attention_mask": allowed_source,
+        "decoder_input_ids": allowed_target,
+        "labels": allowed_target,
+        "loss_mask": allowed_target,
     }
+    shapes: dict[str, tuple[int, ...]] = {}
     out = {}
     for key in BATCH_KEYS:
         value = np.asarray(batch[key])
-        if value.shape != expected[key]:
+        shapes[key] = value.shape
+        if value.ndim != 2 or value.shape[0] != batch_size or value.shape[1] not in lengths[key]:
             raise InputError(
-                f"batch[{key!r}] has shape {value.shape}, expected {expected[key]} (batch size, "
-                f"and the configured source_length/target_length: shapes are static so that "
-                f"training steps never recompile)."
+                f"batch[{key!r}] has shape {value.shape}, expected ({batch_size}, L) with L in "
+                f"{sorted(lengths[key])} (batch size, and the configured source_length/"
+                "target_length or data.length_buckets: shapes are static so that training "
+                "steps compile a bounded number of times)."
             )
         if key in _INT_KEYS and not np.issubdtype(value.dtype, np.integer):
             raise InputError(f"batch[{key!r}] must hold integers, got dtype {value.dtype}.")
         out[key] = value.astype(np.float32 if key == "loss_mask" else np.int32)
+    if not shapes["input_ids"] == shapes["attention_mask"] or not (
+        shapes["decoder_input_ids"] == shapes["labels"] == shapes["loss_mask"]
+    ):
+        raise InputError(f"the batch's arrays disagree in shape: {shapes}.")
     return out

@@ -356,7 +356,17 @@ class Trainer:
             if model.dtype != jnp.float32:
                 model = model.astype(jnp.float32)  # float32 master weights
             return model
-        return Model.random(spec.arch, spec.init_seed)
+        tokenizer = None
+        if spec.tokenizer is not None:
+            if not Path(spec.tokenizer).is_dir():
+                raise ConfigError(
+                    f"model.tokenizer={spec.tokenizer!r} is not a directory; give a saved "
+                    "tokenizer's directory (e.g. free_jax/assets/demo/tokenizer)."
+                )
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
+        return Model.random(spec.arch, spec.init_seed, tokenizer=tokenizer)
 
     def _check_objective_fits(self) -> None:
         obj, L = self.config.objective, self.model_config.num_decoder_layers
@@ -423,7 +433,9 @@ class Trainer:
 
     def _device_batch(self, batch: Batch, batch_size: int) -> Batch:
         data = self.config.data
-        checked = inputs.check_batch(batch, batch_size, data.source_length, data.target_length)
+        checked = inputs.check_batch(
+            batch, batch_size, data.source_length, data.target_length, data.length_buckets
+        )
         rows = sharding.process_rows(batch_size)
         local = {k: v[rows] for k, v in checked.items()}
         return sharding.global_batch(local, self.batch_sharding, batch_size)
@@ -636,6 +648,7 @@ class Trainer:
                 "exit_layer": obj.exit_layer,
                 "confidence": "meta" if obj.kind == "meta" else export.confidence,
                 "threshold": export.threshold,
+                "buffer_capacity": export.buffer_capacity,
             },
             "training": {"objective": obj.kind, "kd": obj.kd, "steps": self.config.steps},
         }
