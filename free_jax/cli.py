@@ -2,7 +2,7 @@
 
     free-jax decode [TEXT ...] [--model DIR_OR_HUB_NAME] [--ids "5 8 13"]
                     [--method full|static|free|calm|oracle] [--exit-layer N] [--threshold 0.9]
-                    [--confidence softmax_diff] [--buffer-capacity 8] [--mode default|exact]
+                    [--confidence softmax_diff] [--buffer-capacity K] [--mode default|exact]
                     [--max-wait 0] [--wait-mode hold|draft] [--calm-tau 4]
                     [--max-new-tokens 32] [--dtype float32|bfloat16] [--json]
     free-jax fit-threshold agreement.npz [...]
@@ -67,7 +67,12 @@ def _decode_parser(sub: argparse._SubParsersAction) -> None:
         help="free/calm: softmax_diff, softmax_max, state_cosine or meta (default: the "
         "checkpoint's, else softmax_diff)",
     )
-    parser.add_argument("--buffer-capacity", type=int, default=8, help="free: pending buffer K")
+    parser.add_argument(
+        "--buffer-capacity",
+        type=int,
+        default=None,
+        help="free: pending buffer K (default: the checkpoint's, else 8)",
+    )
     parser.add_argument("--mode", default="default", help="free: default, exact or rollback")
     parser.add_argument("--max-wait", type=int, default=0, help="free: steps a row may wait")
     parser.add_argument("--wait-mode", default="hold", help="free: hold or draft")

@@ -385,11 +385,16 @@ def _check_threshold(threshold: Any, confidence: str) -> jax.Array:
     return jnp.asarray(value)
 
 
+# The `decode` arguments a checkpoint's `metadata["free"]` may set as its defaults.
+FREE_SETTINGS = ("exit_layer", "threshold", "confidence", "buffer_capacity")
+DEFAULT_BUFFER_CAPACITY = 8
+
+
 def free_settings(model: Model) -> dict[str, Any]:
-    """The FREE settings a checkpoint was saved with (`exit_layer`, `threshold`, `confidence`),
-    from `Model.metadata["free"]`; empty when it has none."""
+    """The FREE settings a checkpoint was saved with (`exit_layer`, `threshold`, `confidence`,
+    `buffer_capacity`), from `Model.metadata["free"]`; empty when it has none."""
     settings = model.metadata.get("free", {}) if model.metadata else {}
-    return {k: settings[k] for k in ("exit_layer", "threshold", "confidence") if k in settings}
+    return {k: settings[k] for k in FREE_SETTINGS if k in settings}
 
 
 def default_exit_layer(config: T5Config) -> int:
@@ -409,7 +414,7 @@ def decode(
     exit_layer: int | None = None,
     threshold: Any = None,
     confidence: str | None = None,
-    buffer_capacity: int = 8,
+    buffer_capacity: int | None = None,
     mode: str = "default",
     record_agreement: bool = False,
     rollback_margin: float = 0.1,
@@ -448,7 +453,7 @@ def decode(
         exit's last block) or "meta" (the trained exit classifier; needs a model that has one).
         Default: the checkpoint's FREE metadata, else "softmax_diff".
       buffer_capacity: "free": K >= 1, exited tokens a row may queue before a deep pass is
-        forced.
+        forced. Default: the checkpoint's FREE metadata, else 8.
       mode: "free": "default" (the paper), "exact" (output identical to "full") or
         "rollback" (the reference code's option: a deep pass replaces the first pending token it
         disagrees with by more than `rollback_margin` and discards the rest).
@@ -514,6 +519,8 @@ def decode(
     if method == "free":
         if mode not in MODES:
             raise InputError(f"mode={mode!r} is not known; valid modes: {MODES}.")
+        if buffer_capacity is None:
+            buffer_capacity = saved.get("buffer_capacity", DEFAULT_BUFFER_CAPACITY)
         buffer_capacity = _check_int("buffer_capacity", buffer_capacity, 1)
         max_wait = _check_int("max_wait", max_wait, 0)
         if wait_mode not in spd.WAIT_MODES:

@@ -352,3 +352,21 @@ def test_oracle_labels_each_full_token_with_its_shallowest_correct_exit(model, b
             assert k == 1 or (preds[: k - 1, b, t] != full.tokens[b, t]).all()
         assert (oracle.exited[b, :n] == (oracle.exit_layer[b, :n] < L)).all()
     assert 0 < oracle.exit_rate < 1  # the tiny model exits early sometimes, not always
+
+
+def test_the_checkpoints_free_settings_are_decodes_defaults(model, batch):
+    """metadata["free"] (what training exports) sets exit layer, threshold and buffer size."""
+    ids, mask = batch
+    saved = {"exit_layer": LS, "threshold": 0.0, "buffer_capacity": 2}
+    tagged = free_jax.Model(config=model.config, params=model.params, metadata={"free": saved})
+    by_default = free_jax.decode(tagged, ids, attention_mask=mask, method="free", max_new_tokens=T)
+    explicit = _free(model, batch, 0.0, buffer_capacity=2)
+    np.testing.assert_array_equal(by_default.tokens, explicit.tokens)
+    assert by_default.num_deep_passes == explicit.num_deep_passes
+    # Threshold 0 exits every token a full buffer allows: with K = 2, every third one goes deep.
+    assert by_default.num_deep_passes == -(-(T - 2) // 3)
+    # An argument overrides the saved value.
+    wide = free_jax.decode(
+        tagged, ids, attention_mask=mask, method="free", max_new_tokens=T, buffer_capacity=8
+    )
+    assert wide.num_deep_passes < by_default.num_deep_passes
