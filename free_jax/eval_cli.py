@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEMO_MODEL = Path(__file__).parent / "assets" / "demo" / "model"
+DEMO_MODEL = Path(__file__).parent / "assets" / "demo" / "model"  # demo_data.MODEL_DIR
 DEMO_SPLIT = "test"
 # The demo's size: enough examples for a stable BLEU, few enough for about a minute on 2 CPU
 # cores, compilation included.
@@ -109,7 +109,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="FREE against full, static and CALM decoding on the shipped demo model",
         description="Evaluates the shipped demo model (a small T5 trained here on restoring the "
-        "punctuation and capitalisation of ACL paper sentences) on the held-out test split: "
+        "punctuation of ACL paper sentences) on the held-out test split: "
         "full model, static exit, CALM, FREE (fixed and adaptive threshold) and FREE exact "
         "mode, with a threshold sweep; prints the table, writes report.json and the plot.",
     )
@@ -212,10 +212,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def demo_unavailable_message() -> str:
     return (
-        f"the demo model is not in this installation yet ({DEMO_MODEL} is missing): it is "
-        "trained on the demo task with free_jax's own training code (issue 6). Meanwhile, "
-        "evaluate any checkpoint that has a tokenizer on the demo task with "
-        "`free-jax demo --model DIR` or `free-jax eval --model DIR --task acl_punct --split test`."
+        f"the demo model is not in this installation ({DEMO_MODEL} is missing). Retrain it with "
+        "`free-jax train --config configs/demo.py` and run `free-jax demo --model "
+        "runs/demo/final`, or evaluate any checkpoint that has a tokenizer with "
+        "`free-jax eval --model DIR --task acl_punct --split test`."
     )
 
 
@@ -254,7 +254,7 @@ def run_demo(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         baselines={
             "copy_input": evaluate.copy_input,
-            "capitalise_and_period": demo_data.capitalise_and_period,
+            "add_full_stop": demo_data.add_full_stop,
         },
         progress=not args.no_progress,
         model_source=str(model_path),

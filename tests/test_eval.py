@@ -93,7 +93,7 @@ report = evaluate.evaluate(
     sweep=[share_compilation(s) for s in evaluate.default_sweep(model, (0.5, 0.05))],
     baselines={
         "copy_input": evaluate.copy_input,
-        "capitalise_and_period": demo_data.capitalise_and_period,
+        "add_full_stop": demo_data.add_full_stop,
     },
     **common,
 )
@@ -174,11 +174,11 @@ def test_report_fields_and_consistency(report):
     assert adaptive.spec.adaptive and 0.0 <= adaptive.final_threshold <= 1.0
     assert adaptive.calibration_points > 0 and adaptive.calibration_seconds > 0
     assert report.settings["threshold_estimator"]["schedule"] == "reference"
-    assert set(report.baselines) == {"copy_input", "capitalise_and_period"}
-    # Copying the (lower-cased, unpunctuated) input scores below capitalising it and adding "."
+    assert set(report.baselines) == {"copy_input", "add_full_stop"}
+    # Copying the unpunctuated input scores below adding a full stop to it.
     assert (
         report.baselines["copy_input"]["sacrebleu"]
-        < (report.baselines["capitalise_and_period"]["sacrebleu"])
+        < (report.baselines["add_full_stop"]["sacrebleu"])
     )
 
 
@@ -409,7 +409,7 @@ def test_builder_is_deterministic_and_splits_are_disjoint(tmp_path):
     }
     _assert_disjoint(rows)
     assert stats["splits"]["test"]["sentences"] == len(rows["test"])
-    assert set(stats["splits"]["test"]["baselines"]) == {"copy_input", "capitalise_and_period"}
+    assert set(stats["splits"]["test"]["baselines"]) == {"copy_input", "add_full_stop"}
     # Another seed holds out other papers.
     ids = [paper for paper, _ in papers]
     assignment = demo_data.assign_splits(ids, 2, held_out)
@@ -418,12 +418,14 @@ def test_builder_is_deterministic_and_splits_are_disjoint(tmp_path):
 
 def _assert_disjoint(rows):
     papers = {s: {r["paper"] for r in rs} for s, rs in rows.items()}
-    sources = {s: {demo_data.strip_punctuation(r["text"]) for r in rs} for s, rs in rows.items()}
+    sources = {
+        s: {demo_data.strip_punctuation(r["text"]).lower() for r in rs} for s, rs in rows.items()
+    }
     for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
         assert not papers[a] & papers[b], (a, b)
         assert not sources[a] & sources[b], (a, b)
     for rs in rows.values():
-        assert len({demo_data.strip_punctuation(r["text"]) for r in rs}) == len(rs)
+        assert len({demo_data.strip_punctuation(r["text"]).lower() for r in rs}) == len(rs)
 
 
 def test_shipped_data_splits_tokenizer_and_stats():
@@ -446,7 +448,7 @@ def test_shipped_data_splits_tokenizer_and_stats():
 def test_the_demo_task_reads_its_shipped_files(tokenizer, tmp_path):
     task = data.get_task(demo_data.TASK_NAME)
     assert task.metric == "sacrebleu" and task.prefix == "restore: "
-    assert task.source({"text": "However, BERT works; see: it."}) == "however bert works see it"
+    assert task.source({"text": "However, BERT works; see: it."}) == "However BERT works see it"
     # No data_files: the task's shipped file of the split.
     examples = data.load_examples(task, tokenizer, split="validation", cache_dir=tmp_path)
     assert (
