@@ -279,6 +279,33 @@ class Examples:
         """int32[<= T]: example i's target ids, EOS included."""
         return self.target_tokens[self.target_offsets[i] : self.target_offsets[i + 1]]
 
+    def select(self, indices: Sequence[int]) -> Examples:
+        """The examples at `indices`, in that order (e.g. a sample spread over the split)."""
+        indices = np.asarray(indices, np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise DataError(
+                f"example indices must lie in [0, {len(self)}) for this {len(self)}-example "
+                f"split; got {indices.min()}..{indices.max()}."
+            )
+
+        def gather(tokens, offsets):
+            parts = [tokens[offsets[i] : offsets[i + 1]] for i in indices]
+            lengths = np.array([len(x) for x in parts], np.int64)
+            joined = np.concatenate(parts) if parts else tokens[:0]
+            return joined, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+        source_tokens, source_offsets = gather(self.source_tokens, self.source_offsets)
+        target_tokens, target_offsets = gather(self.target_tokens, self.target_offsets)
+        return dataclasses.replace(
+            self,
+            source_tokens=source_tokens,
+            source_offsets=source_offsets,
+            target_tokens=target_tokens,
+            target_offsets=target_offsets,
+            references=tuple(self.references[i] for i in indices),
+            row_ids=self.row_ids[indices],
+        )
+
     @property
     def source_lengths(self) -> np.ndarray:
         """int64[N]."""

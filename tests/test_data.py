@@ -156,6 +156,18 @@ def test_samsum_jsonl_prefix_eos_and_references(tok, samsum_file, cache):
     assert ex.source_tokens.dtype == np.int32
 
 
+def test_select_keeps_the_chosen_examples_in_order(tok, samsum_file, cache):
+    ex = data.load_examples("samsum", tok, data_files=samsum_file, cache_dir=cache)
+    picked = ex.select([2, 0])
+    assert len(picked) == 2 and picked.references == (ex.references[2], ex.references[0])
+    for i, j in enumerate([2, 0]):
+        np.testing.assert_array_equal(picked.source_ids(i), ex.source_ids(j))
+        np.testing.assert_array_equal(picked.target_ids(i), ex.target_ids(j))
+    np.testing.assert_array_equal(picked.row_ids, ex.row_ids[[2, 0]])
+    with pytest.raises(DataError, match=r"in \[0, 3\).*got 0\.\.3"):
+        ex.select([0, 3])
+
+
 def test_samsum_csv_drops_empty_rows(tok, tmp_path, cache):
     # The SAMSum release on the hub is CSV (id, dialogue, summary); one row lacks a dialogue.
     path = tmp_path / "samsum.csv"
