@@ -371,6 +371,23 @@ def test_cli_demo_without_the_shipped_model(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+def test_cli_demo_on_the_shipped_model(tmp_path, capsys):
+    """The README's main command, shortened: every method of the table, report and plot."""
+    out = tmp_path / "out"
+    argv = ["demo", "--quick", "--max-examples", "4", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "FREE exact mode output == full model output: yes" in printed
+    report = json.loads((out / "report.json").read_text())
+    labels = {m["label"] for m in report["methods"]}
+    assert {"full", "static Ls=1", "free thr=0.20 Ls=1", "free adaptive Ls=1"} <= labels
+    # The sample is spread over the split, not its first rows.
+    test_rows = demo_data.read_split("test")
+    assert report["references"][-1] == test_rows[-1]["text"]
+    assert (out / "quality_vs_speed.png").stat().st_size > 10_000
+
+
 # ---------------------------------------------------------------------------- demo data
 
 
