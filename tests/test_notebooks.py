@@ -94,6 +94,9 @@ def compile_cache_env(tmp_path, monkeypatch):
     return os.environ
 
 
+# Slow: about 80 s on 2 cores, nearly all of it compiling the eight decoding programs of the
+# speed table; the default suite would pass 10 minutes with it.
+@pytest.mark.slow
 def test_quickstart_runs_offline_on_the_shipped_model(tmp_path, compile_cache_env):
     nb = _execute("quickstart", tmp_path, timeout=600)
     text = _outputs(nb)
