@@ -1167,7 +1167,8 @@ def make_batch_source(
       data: a `free_jax.training.config.DataConfig`: `task` (a registered task), `dataset` (local
         `.json`/`.jsonl`/`.csv` file(s), comma-separated, or None for the task's shipped files or
         its hub dataset), `prefix` (replaces the task's when given), `source_length` and
-        `target_length` (the static S and T), `train_split` / `eval_split`.
+        `target_length` (the static S and T), `train_split` / `eval_split`, and for the training
+        split `length_buckets` and `group_by_length` (`TrainBatches`).
       split: the split to read.
       seed: fixes the order of training batches (evaluation batches keep the split's order).
       batch_size: global rows per batch.
@@ -1193,7 +1194,7 @@ def make_batch_source(
         files = [part.strip() for part in str(data.dataset).split(",") if part.strip()]
     examples = load_examples(task, tokenizer, split=split, data_files=files)
     training = split == data.train_split
-    buckets = tuple(getattr(data, "length_buckets", ()) or ()) or None
+    buckets = tuple(data.length_buckets) or None  # None: the task's maximum lengths only
     batches = TrainBatches(
         examples,
         batch_size,
@@ -1202,7 +1203,7 @@ def make_batch_source(
         drop_remainder=training,
         source_buckets=buckets,
         target_buckets=buckets,
-        group_by_length=getattr(data, "group_by_length", 0) if training else 0,
+        group_by_length=data.group_by_length if training else 0,
     )
 
     def source(start_step: int) -> Iterator[dict[str, np.ndarray]]:
