@@ -183,7 +183,7 @@ def run_if(pred: Array, fn: Callable[[Any], Any], carry: Any) -> Any:
     passes the decode caches through copies them, and one that updates them copies them first,
     every step. A while loop updates its carry in place, so the caches are never copied (the
     FREE decode program's cache copies went from 103 to 0; on the small demo model at batch 1
-    the wall time did not change measurably, the copies matter for large caches).
+    the wall time did not change measurably; a copy grows with the cache).
     """
 
     def body(c):
