@@ -8,8 +8,8 @@ The task is `acl_punct` (`free_jax.demo_data`): unpunctuated sentences of ACL pa
 `aclsum` package's text) back to the original. The model is a T5 v1.1-style
 encoder-decoder (gated GELU, relative attention) with a 2048-piece SentencePiece vocabulary, tied
 embeddings, a 4-block encoder and an 8-block decoder whose shallow exit is block 1. It trains
-from random weights with the shallow-deep loss and KD-dyna, on length-grouped batches (about half
-the padded compute of fixed 64-token shapes).
+from random weights with the shallow-deep loss and KD-dyna, on length-grouped batches (56% of the
+padded tokens of fixed 64-token shapes over an epoch).
 
 The result, `runs/demo/final`, is what `free_jax/assets/demo/model/` ships (`free-jax demo` reads
 it). Cost and quality: see `free_jax/assets/demo/model/TRAINING.md`, written from the shipped

@@ -974,7 +974,7 @@ class TrainBatches:
       group_by_length: 0 (off) or G > 1: each epoch's permutation is cut into windows of G
         batches, each window is sorted by the longer of source and target length and cut into
         batches, and the epoch's batches are shuffled. Rows of a batch then have similar
-        lengths, so with buckets most batches take a small shape (about half the padded compute
+        lengths, so with buckets most batches take a small shape (56% of the padded tokens
         on the demo task), while the order stays a pure function of (seed, epoch).
       process_index, process_count: this process and the number of processes
         (`jax.process_index()`, `jax.process_count()`).
