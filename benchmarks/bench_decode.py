@@ -66,11 +66,13 @@ def median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
 
 
 def bench_free_jax(model, ids, mask, new_tokens, repeats):
-    def run():
+    def run():  # the encoder included, as in transformers' generate
+        encoded = decoding.encode_source(
+            model.params, ids, mask, config=model.config, length=ids.shape[1]
+        )
         result = decoding.greedy_full(
-            model.params,
-            ids,
-            mask,
+            model.decode_params,
+            *encoded,
             config=model.config,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,

@@ -77,7 +77,7 @@ def get_config() -> TrainConfig:
         # split (free_jax/assets/demo/model/TRAINING.md has the sweep): every threshold from 0.1
         # to 0.9 kept 99.8% of the full model's BLEU there, and a 32-token buffer cuts the deep
         # passes that a full buffer forces (an 8-token one caps the exit rate at 8/9).
-        export=ExportConfig(free_jax=True, hf=False, threshold=0.2, buffer_capacity=32),
+        export=ExportConfig(free_jax=True, hf=False, threshold=0.2, buffer_capacity=None),
         steps=3000,
         seed=0,
         log_every=25,

@@ -199,8 +199,8 @@ def calm_step(
 )
 def calm_decode(
     params: modeling.Params,
-    input_ids: Array,
-    attention_mask: Array,
+    encoder_output: Array,
+    encoder_mask: Array,
     threshold: Array,
     *,
     config: T5Config,
@@ -213,16 +213,18 @@ def calm_decode(
     """CALM greedy decoding, jitted; `threshold` is traced, so a new one never recompiles.
 
     Args:
-      input_ids, attention_mask: int32[B, S].
+      params: the parameters, in either layout (`Model.decode_params` saves a rearrangement).
+      encoder_output, encoder_mask: [B, S, D] and int32[B, S], from
+        `free_jax.decoding.encode_source`.
       threshold: float32[] λ before the position decay.
       min_layer: the shallowest block a token may exit after, in [1, L - 1].
       confidence: "softmax_diff", "softmax_max", "state_cosine" or "meta".
       tau: the decay's temperature τ; None for a constant threshold.
     """
-    B, T = input_ids.shape[0], max_new_tokens
+    B, T = encoder_output.shape[0], max_new_tokens
     L = config.num_decoder_layers
     params, cache = modeling.start_decoding(
-        params, config, input_ids, attention_mask, max_new_tokens
+        params, config, encoder_output, encoder_mask, max_new_tokens
     )
     carry = CalmCarry(
         cache=cache,

@@ -91,11 +91,43 @@ class DecodeOutput:
         return float(self.exited.sum() / n) if n else 0.0
 
 
-def _greedy(params, input_ids, attention_mask, *, config, stop, max_new_tokens, min_new_tokens):
+@functools.partial(jax.jit, static_argnames=("config", "length"))
+def encode_source(
+    params: modeling.Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    config: T5Config,
+    length: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Runs the encoder and pads its output to `length` positions for the decoding cores.
+
+    The encoder's cost follows the source's own (bucketed) length, while the decode loop, whose
+    compilation is the costly one, sees a fixed `length`: sources of different lengths then share
+    one compiled loop, at the price of cross-attending over masked padding.
+
+    Args:
+      input_ids, attention_mask: int32[B, S] with S <= length.
+
+    Returns:
+      (encoder_output [B, length, D], encoder_mask int32[B, length]).
+    """
+    S = input_ids.shape[1]
+    if S > length:
+        raise ValueError(f"the source has {S} positions, more than length={length}.")
+    encoder_output = modeling.encode(params, config, input_ids, attention_mask)
+    pad = length - S
+    return (
+        jnp.pad(encoder_output, ((0, 0), (0, pad), (0, 0))),
+        jnp.pad(attention_mask.astype(jnp.int32), ((0, 0), (0, pad))),
+    )
+
+
+def _greedy(params, encoder_output, encoder_mask, *, config, stop, max_new_tokens, min_new_tokens):
     """Greedy decoding through decoder blocks [0, stop) and the exit head."""
-    B = input_ids.shape[0]
+    B = encoder_output.shape[0]
     params, cache = modeling.start_decoding(
-        params, config, input_ids, attention_mask, max_new_tokens, num_layers=stop
+        params, config, encoder_output, encoder_mask, max_new_tokens, num_layers=stop
     )
 
     def step(cache, tokens, _):
@@ -118,8 +150,8 @@ def _greedy(params, input_ids, attention_mask, *, config, stop, max_new_tokens, 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "min_new_tokens"))
 def greedy_full(
     params: modeling.Params,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
+    encoder_output: jax.Array,
+    encoder_mask: jax.Array,
     *,
     config: T5Config,
     max_new_tokens: int,
@@ -128,13 +160,14 @@ def greedy_full(
     """Full-model greedy decoding, jitted. Returns a `search.GreedyResult`.
 
     Args:
-      input_ids: int32[B, S].
-      attention_mask: int32[B, S], 1 for real tokens.
+      params: the parameters, in either layout (`Model.decode_params` saves a rearrangement).
+      encoder_output: [B, S, D] from `encode_source`.
+      encoder_mask: int32[B, S], 1 for real source positions.
     """
     return _greedy(
         params,
-        input_ids,
-        attention_mask,
+        encoder_output,
+        encoder_mask,
         config=config,
         stop=config.num_decoder_layers,
         max_new_tokens=max_new_tokens,
@@ -146,13 +179,14 @@ def greedy_full(
     jax.jit, static_argnames=("config", "exit_layer", "max_new_tokens", "min_new_tokens")
 )
 def greedy_static(
-    params, input_ids, attention_mask, *, config, exit_layer, max_new_tokens, min_new_tokens=0
+    params, encoder_output, encoder_mask, *, config, exit_layer, max_new_tokens, min_new_tokens=0
 ):
-    """Greedy decoding where every token exits after block `exit_layer` (static exiting)."""
+    """Greedy decoding where every token exits after block `exit_layer` (static exiting); the
+    arguments are `greedy_full`'s."""
     return _greedy(
         params,
-        input_ids,
-        attention_mask,
+        encoder_output,
+        encoder_mask,
         config=config,
         stop=exit_layer,
         max_new_tokens=max_new_tokens,
@@ -194,8 +228,8 @@ def oracle_exit_layers(params, input_ids, attention_mask, tokens, *, config):
 )
 def free_decode(
     params: modeling.Params,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
+    encoder_output: jax.Array,
+    encoder_mask: jax.Array,
     threshold: jax.Array,
     *,
     config: T5Config,
@@ -213,7 +247,8 @@ def free_decode(
     """FREE decoding, jitted; `threshold` is traced (a float32 scalar), so it never recompiles.
 
     Args:
-      input_ids, attention_mask: int32[B, S].
+      params: the parameters, in either layout (`Model.decode_params` saves a rearrangement).
+      encoder_output, encoder_mask: [B, S, D] and int32[B, S], from `encode_source`.
       threshold: a token exits when its confidence is strictly greater.
       exit_layer: L_s, the shallow model's depth, in [1, L - 1].
       buffer_capacity: K, exited tokens a row may queue before a deep pass is forced.
@@ -223,10 +258,10 @@ def free_decode(
       record_agreement: record the shallow/deep agreement of pending tokens too (costs the deep
         exit head on every position of a deep pass; exact mode has it anyway).
     """
-    B = input_ids.shape[0]
+    B = encoder_output.shape[0]
     L, Ls = config.num_decoder_layers, exit_layer
     params, cache = modeling.start_decoding(
-        params, config, input_ids, attention_mask, max_new_tokens
+        params, config, encoder_output, encoder_mask, max_new_tokens
     )
 
     def shallow_fn(cache, tokens, active):
@@ -387,7 +422,6 @@ def _check_threshold(threshold: Any, confidence: str) -> jax.Array:
 
 # The `decode` arguments a checkpoint's `metadata["free"]` may set as its defaults.
 FREE_SETTINGS = ("exit_layer", "threshold", "confidence", "buffer_capacity")
-DEFAULT_BUFFER_CAPACITY = 8
 
 
 def free_settings(model: Model) -> dict[str, Any]:
@@ -421,6 +455,7 @@ def decode(
     max_wait: int = 0,
     wait_mode: str = "hold",
     calm_tau: float | None = calm.DEFAULT_TAU,
+    encoder_length: int | None = None,
 ) -> DecodeOutput:
     """Greedy decoding with the chosen method.
 
@@ -453,7 +488,11 @@ def decode(
         exit's last block) or "meta" (the trained exit classifier; needs a model that has one).
         Default: the checkpoint's FREE metadata, else "softmax_diff".
       buffer_capacity: "free": K >= 1, exited tokens a row may queue before a deep pass is
-        forced. Default: the checkpoint's FREE metadata, else 8.
+        forced, or None for no limit: the buffer then holds a whole output (K =
+        `max_new_tokens`), so deep passes happen only for tokens that do not exit, as in the
+        paper. A bound only forces deep passes that nothing may need (tokens pending when a row
+        ends never go deep); it saves memory ([B, K, D] states) at large B and T. Default: the
+        checkpoint's FREE metadata, else None.
       mode: "free": "default" (the paper), "exact" (output identical to "full") or
         "rollback" (the reference code's option: a deep pass replaces the first pending token it
         disagrees with by more than `rollback_margin` and discards the rest).
@@ -465,6 +504,10 @@ def decode(
         redone). Not "draft" with mode="rollback". See `free_jax.spd`.
       calm_tau: "calm": the threshold decay's temperature τ; None keeps the threshold
         constant.
+      encoder_length: the encoder output is padded (masked) to this many positions before the
+        decode loop, so sources of different lengths share one compiled loop (the encoder itself
+        runs at the source's length, rounded up to a multiple of 16). Default: that rounded
+        length, one compiled loop per length. At least the longest source.
       record_agreement: "free": also record whether the shallow and deep predictions of pending
         tokens agree (`DecodeOutput.agree`, the threshold estimator's data); it costs the deep
         exit head on every position of a deep pass. Without it, only the tokens that went deep
@@ -520,7 +563,9 @@ def decode(
         if mode not in MODES:
             raise InputError(f"mode={mode!r} is not known; valid modes: {MODES}.")
         if buffer_capacity is None:
-            buffer_capacity = saved.get("buffer_capacity", DEFAULT_BUFFER_CAPACITY)
+            buffer_capacity = saved.get("buffer_capacity")
+        if buffer_capacity is None:  # unbounded: a row never has more than T pending tokens
+            buffer_capacity = int(max_new_tokens)
         buffer_capacity = _check_int("buffer_capacity", buffer_capacity, 1)
         max_wait = _check_int("max_wait", max_wait, 0)
         if wait_mode not in spd.WAIT_MODES:
@@ -543,12 +588,23 @@ def decode(
             threshold, record_agreement = estimator.threshold, True
         threshold = _check_threshold(threshold, confidence)
     ids, mask = prepare_inputs(model, inputs, attention_mask, truncate=truncate)
+    if encoder_length is None:
+        encoder_length = ids.shape[1]
+    encoder_length = _check_int("encoder_length", encoder_length, 1)
+    if encoder_length < ids.shape[1]:
+        raise InputError(
+            f"encoder_length={encoder_length} is shorter than the source ({ids.shape[1]} "
+            "positions after padding to a multiple of "
+            f"{SOURCE_BUCKET}); pass at least that, or None."
+        )
     lengths_kw = dict(max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens))
+    encoded = encode_source(model.params, ids, mask, config=config, length=encoder_length)
+    # The decoding cores take the weights in decode layout, rearranged once per model.
+    params = model.decode_params
     if method == "calm":
         result = calm.calm_decode(
-            model.params,
-            ids,
-            mask,
+            params,
+            *encoded,
             threshold,
             config=config,
             min_layer=exit_layer,
@@ -558,9 +614,8 @@ def decode(
         )
     elif method == "free":
         result = free_decode(
-            model.params,
-            ids,
-            mask,
+            params,
+            *encoded,
             threshold,
             config=config,
             exit_layer=exit_layer,
@@ -574,11 +629,9 @@ def decode(
             **lengths_kw,
         )
     elif method == "static":
-        result = greedy_static(
-            model.params, ids, mask, config=config, exit_layer=exit_layer, **lengths_kw
-        )
+        result = greedy_static(params, *encoded, config=config, exit_layer=exit_layer, **lengths_kw)
     else:
-        result = greedy_full(model.params, ids, mask, config=config, **lengths_kw)
+        result = greedy_full(params, *encoded, config=config, **lengths_kw)
         if method == "oracle":
             layers = oracle_exit_layers(model.params, ids, mask, result.tokens, config=config)
             return _to_output(model, method, result, exit_layer, oracle_layers=layers)

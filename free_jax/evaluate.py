@@ -15,10 +15,11 @@ What it measures, per method configuration (`MethodSpec`):
   blocks above the exit: every step for the full model, none for static exiting).
 
 All methods decode every batch before the next batch is taken, so a change in the machine's load
-during a run affects them alike. Every source is padded to one length (the task's maximum, unless
-`source_bucket` is given), so each method compiles once; compilation happens in a warm-up on the
-first batch of each shape and is reported, not timed. `decode` returns NumPy arrays, so a timed
-call has finished on the device when it returns.
+during a run affects them alike. The encoder runs at each batch's own length (rounded up to a
+multiple of 16), and its output is padded to one length (the task's maximum, unless
+`source_bucket` is given), so each method compiles its decode loop once; compilation happens in
+a warm-up on the first batch of each shape and is reported, not timed. `decode` returns NumPy
+arrays, so a timed call has finished on the device when it returns.
 
 The adaptive threshold ("free:adaptive") keeps one `ThresholdEstimator` per configuration; it is
 updated after each batch outside the timed call, and the time its refits take is reported apart
@@ -368,30 +369,41 @@ def _interpolate(curve: Sequence[tuple[float, float]], x: float) -> float | None
 
 
 class _Batches:
-    """The split's first `n` examples as decode inputs: ([B, S] ids, [B, S] mask) per batch."""
+    """The split's first `n` examples as decode inputs: ([B, S] ids, [B, S] mask, rows) per
+    batch, and the encoder length every batch is decoded with.
+
+    Each batch is as long as its longest source (rounded up to `decode`'s multiple), so the
+    encoder's cost follows the source. With `source_bucket` None, every batch's encoder output is
+    padded to one length (the task's maximum), so each method compiles its decode loop once (the
+    encoder compiles once per source length, which is cheap); with an int, batches are padded to
+    a multiple of it and the loop compiles once per length used.
+    """
 
     def __init__(self, examples: data.Examples, n: int, batch_size: int, source_bucket: int | None):
         self.batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.encoder_lengths: list[int | None] = []
+        longest_of_all = max(len(examples.source_ids(i)) for i in range(n))
+        fixed = max(examples.task.max_source_length or 0, longest_of_all)
+        fixed = -(-fixed // SOURCE_BUCKET) * SOURCE_BUCKET
         for start in range(0, n, batch_size):
             rows = list(range(start, min(start + batch_size, n)))
             sources = [examples.source_ids(i) for i in rows]
             longest = max(len(s) for s in sources)
-            if source_bucket is None:
-                width = examples.task.max_source_length
-            else:
-                width = -(-longest // source_bucket) * source_bucket
-            # Pad to the bucket that decode would choose too, so its padding adds nothing.
-            width = -(-max(width, longest) // SOURCE_BUCKET) * SOURCE_BUCKET
+            bucket = SOURCE_BUCKET if source_bucket is None else source_bucket
+            width = -(-longest // bucket) * bucket
+            # Pad to the multiple that decode would choose too, so its padding adds nothing.
+            width = -(-width // SOURCE_BUCKET) * SOURCE_BUCKET
             ids = np.full((len(rows), width), examples.pad_id, np.int32)
             mask = np.zeros_like(ids)
             for j, s in enumerate(sources):
                 ids[j, : len(s)], mask[j, : len(s)] = s, 1
             self.batches.append((ids, mask, np.asarray(rows)))
+            self.encoder_lengths.append(fixed if source_bucket is None else width)
 
     def first_of_each_shape(self) -> list[int]:
-        seen: dict[tuple[int, int], int] = {}
+        seen: dict[tuple[int, int, int | None], int] = {}
         for i, (ids, _, _) in enumerate(self.batches):
-            seen.setdefault(ids.shape, i)
+            seen.setdefault((*ids.shape, self.encoder_lengths[i]), i)
         return sorted(seen.values())
 
 
@@ -420,24 +432,26 @@ class _Runner:
         self.calibration_seconds = 0.0
         self.outputs: list[Any] = []
 
-    def _decode(self, ids: np.ndarray, mask: np.ndarray) -> Any:
+    def _decode(self, ids: np.ndarray, mask: np.ndarray, encoder_length: int) -> Any:
         import free_jax
 
         kwargs = self.kwargs
         if self.estimator is not None:
             kwargs = {**kwargs, "threshold": self.estimator.threshold}
-        return free_jax.decode(self.model, ids, attention_mask=mask, **kwargs)
+        return free_jax.decode(
+            self.model, ids, attention_mask=mask, encoder_length=encoder_length, **kwargs
+        )
 
-    def warm_up(self, ids: np.ndarray, mask: np.ndarray) -> None:
+    def warm_up(self, ids: np.ndarray, mask: np.ndarray, encoder_length: int) -> None:
         start = time.perf_counter()
-        self._decode(ids, mask)
+        self._decode(ids, mask, encoder_length)
         self.compile_seconds += time.perf_counter() - start
 
-    def run(self, ids: np.ndarray, mask: np.ndarray, repeats: int) -> None:
+    def run(self, ids: np.ndarray, mask: np.ndarray, encoder_length: int, repeats: int) -> None:
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            out = self._decode(ids, mask)
+            out = self._decode(ids, mask, encoder_length)
             times.append(time.perf_counter() - start)
         self.times.append(statistics.median(times))
         self.outputs.append(out)
@@ -527,9 +541,10 @@ def evaluate(
       batch_size: rows per decode call (1: the paper's latency setting).
       repeats: decode each batch this many times per method and keep the median time.
       max_new_tokens: default the task's `max_target_length`.
-      source_bucket: None pads every source to the task's `max_source_length` (one compilation
-        per method); an int pads each batch to a multiple of it (less padding, a compilation per
-        length used).
+      source_bucket: None encodes each batch at its own length (a multiple of 16) and pads the
+        encoder output to the task's `max_source_length` (one loop compilation per method); an
+        int pads each batch to a multiple of it and decodes at that length (a loop compilation
+        per length used).
       baselines: trivial predictions from the source text, by name; default {"copy_input"}.
       estimator_config: the `ThresholdConfig` of adaptive-threshold methods; default its
         defaults (the reference schedule).
@@ -572,11 +587,17 @@ def evaluate(
     for runner in tqdm(runners, desc="compiling", disable=not progress, unit="method"):
         for i in warm:
             ids, mask, _ = batches.batches[i]
-            runner.warm_up(ids, mask)
-    bar = tqdm(batches.batches, desc="decoding", disable=not progress, unit="batch")
-    for ids, mask, _ in bar:
+            runner.warm_up(ids, mask, batches.encoder_lengths[i])
+    bar = tqdm(
+        zip(batches.batches, batches.encoder_lengths, strict=True),
+        total=len(batches.batches),
+        desc="decoding",
+        disable=not progress,
+        unit="batch",
+    )
+    for (ids, mask, _), encoder_length in bar:
         for runner in runners:
-            runner.run(ids, mask, repeats)
+            runner.run(ids, mask, encoder_length, repeats)
 
     references = list(examples.references[:n])
     results = [r.result(task, references) for r in runners]
@@ -593,6 +614,7 @@ def evaluate(
         "repeats": repeats,
         "max_new_tokens": max_new_tokens,
         "source_lengths": sorted({b[0].shape[1] for b in batches.batches}),
+        "encoder_lengths": sorted(set(batches.encoder_lengths)),
         "timing": "wall time of decode() per batch after a warm-up, summed; median over repeats",
     }
     estimators = [r.estimator for r in runners if r.estimator is not None]

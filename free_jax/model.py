@@ -33,6 +33,21 @@ class Model:
     tokenizer: Any = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    @functools.cached_property
+    def decode_params(self) -> modeling.Params:
+        """`params` in decode layout (`modeling.fuse_for_decoding`), made on first use and kept,
+        so that decoding does not rearrange the weights on every call.
+
+        The fused kernels are new arrays: they cost as much memory again as the decoder's
+        self-attention Q/K/V and gated feed-forward input kernels (and, with a tied head, the
+        embedding). `release_decode_params` frees them.
+        """
+        return modeling.fuse_for_decoding(self.params)
+
+    def release_decode_params(self) -> None:
+        """Drops the cached `decode_params` (the next decode makes them again)."""
+        self.__dict__.pop("decode_params", None)
+
     @property
     def dtype(self) -> Any:
         """The dtype of the parameters, which activations follow."""

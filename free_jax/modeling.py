@@ -251,25 +251,34 @@ def fuse_for_decoding(params: Params) -> Params:
     """The decoder's weights rearranged for one-token-at-a-time decoding; same function.
 
     Decoding at small batch is a chain of matrix-vector products that are bound by memory
-    bandwidth, and on CPU a few large products use the cores better than many small ones. This
-    concatenates each decoder block's self-attention Q/K/V kernels into one `qkv` [D, 3*H*Dh] and
-    gated feed-forward kernels into one `wi_fused` [D, 2*F], and stores a tied head as an explicit
-    `lm_head` [D, V] (a contiguous copy of the embedding's transpose, which XLA reads faster than
-    the embedding itself). Call it once per decode, outside the token loop; `decoder_blocks`,
-    `feed_forward` and `exit_head` accept either layout. The encoder is left as it is.
+    bandwidth and per-operation overhead, and a few large products do better than many small
+    ones. This concatenates each decoder block's self-attention Q/K/V kernels into one `qkv`
+    [D, 3*H*Dh] and gated feed-forward kernels into one `wi_fused` [D, 2*F], and stores a tied
+    head as an explicit `lm_head` [D, V] (a contiguous copy of the embedding's transpose, which
+    XLA reads faster than the embedding itself). Other arrays are shared, not copied.
+    `decoder_blocks`, `feed_forward` and `exit_head` accept either layout, and parameters already
+    in decode layout are returned as they are. The rearrangement costs about as much as a few
+    decode steps, so `Model.decode_params` does it once per model rather than once per call.
     """
     blocks = []
     for block in params["decoder"]["blocks"]:
         sa = block["self_attn"]
-        fused_sa = {"qkv": jnp.concatenate([sa["q"], sa["k"], sa["v"]], axis=1), "o": sa["o"]}
+        if "qkv" not in sa:
+            sa = {"qkv": jnp.concatenate([sa["q"], sa["k"], sa["v"]], axis=1), "o": sa["o"]}
         ffn = dict(block["ffn"])
         if "wi_0" in ffn:
             ffn = {"wi_fused": jnp.concatenate([ffn["wi_0"], ffn["wi_1"]], axis=1), "wo": ffn["wo"]}
-        blocks.append({**block, "self_attn": fused_sa, "ffn": ffn})
+        blocks.append({**block, "self_attn": sa, "ffn": ffn})
     fused = {**params, "decoder": {**params["decoder"], "blocks": blocks}}
     if "lm_head" not in params:
         fused["lm_head"] = params["shared"]["embedding"].T
     return fused
+
+
+def is_decode_layout(params: Params) -> bool:
+    """Whether `params` are already in `fuse_for_decoding`'s layout."""
+    blocks = params["decoder"]["blocks"]
+    return "lm_head" in params and all("qkv" in b["self_attn"] for b in blocks)
 
 
 def _merge_heads(x: Array) -> Array:
@@ -490,16 +499,21 @@ def copy_state_kv(
 def start_decoding(
     params: Params,
     config: T5Config,
-    input_ids: Array,
-    attention_mask: Array,
+    encoder_output: Array,
+    encoder_mask: Array,
     max_new_tokens: int,
     num_layers: int | None = None,
 ) -> tuple[Params, DecoderCache]:
-    """What every decoding method does first: encode, build the decoder cache for blocks
-    [0, num_layers), rearrange the weights for decoding. Returns (decode-layout params, cache)."""
-    encoder_output = encode(params, config, input_ids, attention_mask)
+    """What every decoding method does first, once the source is encoded: build the decoder
+    cache for blocks [0, num_layers) and put the weights in decode layout (a no-op for weights
+    already in it, such as `Model.decode_params`). Returns (decode-layout params, cache).
+
+    Args:
+      encoder_output: [B, S, D] (`encode`, maybe padded: see `free_jax.decoding.encode_source`).
+      encoder_mask: [B, S], nonzero for real source positions.
+    """
     cache = init_decoder_cache(
-        params, config, encoder_output, attention_mask, max_new_tokens, num_layers=num_layers
+        params, config, encoder_output, encoder_mask, max_new_tokens, num_layers=num_layers
     )
     return fuse_for_decoding(params), cache
 

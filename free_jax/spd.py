@@ -243,11 +243,12 @@ def spd_search(
       threshold: float32[] (traced: a new value does not recompile); a token exits when its
         confidence is strictly greater.
       batch_size, hidden_size, hidden_dtype: B, D and the dtype of the shallow states.
-      max_new_tokens: T. buffer_capacity: K >= 1.
+      max_new_tokens: T. buffer_capacity: K >= 1; K >= T means no bound (no pass is forced).
       start_id, eos_id, pad_id: decoder start, end and padding ids.
       mode: "default" or "exact" (see the module docstring).
       min_new_tokens: EOS is suppressed at positions below this.
-      buckets: deep-pass query sizes (default `query_buckets(K)`); the last must be >= K + 1.
+      buckets: deep-pass query sizes (default: `query_buckets` up to the widest possible pass,
+        min(K, T - 1) + 1); the last must be at least that.
       record_agreement: in default mode, also run the deep exit head on pending tokens to record
         their shallow/deep agreement (the threshold estimator's data). The other modes always do.
       rollback_margin: "rollback" mode's bound, in [0, 1]: a disagreeing pending token is rolled
@@ -267,11 +268,15 @@ def spd_search(
     drafting = wait_mode == "draft" and max_wait > 0
     B, T, D = batch_size, max_new_tokens, hidden_size
     K_rule = buffer_capacity  # exits in a row before a token is forced deep
-    # Drafts and the exits after them share the buffer with the exits before them.
-    K = buffer_size(K_rule, max_wait, wait_mode)
-    buckets = tuple(buckets or query_buckets(K))
-    if buckets[-1] < K + 1:
-        raise ValueError(f"the largest deep-pass size {buckets[-1]} is below K + 1 = {K + 1}.")
+    # Drafts and the exits after them share the buffer with the exits before them. Pending
+    # tokens are emitted ones, so a row never holds more than T of them: a larger capacity
+    # means no bound at all, and the buffer is not made larger than that.
+    K = min(buffer_size(K_rule, max_wait, wait_mode), T)
+    # A pass covers the pending tokens (at most T - 1 while the row runs) and the current one.
+    widest = min(K, T - 1) + 1
+    buckets = tuple(buckets or query_buckets(widest - 1))
+    if buckets[-1] < widest:
+        raise ValueError(f"the largest deep-pass size {buckets[-1]} is below {widest}.")
     exact = mode == "exact"
     verify = mode in ("exact", "rollback") or drafting  # deep passes check pending tokens
     max_steps = max_loop_steps(T, K, mode, max_wait)

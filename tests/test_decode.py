@@ -377,3 +377,39 @@ def test_decode_layout_computes_the_same_function(model):
     )
     np.testing.assert_allclose(np.asarray(fused_logits), np.asarray(plain_logits), atol=1e-5)
     _assert_same_cache(plain_cache, fused_cache)
+
+
+def test_decode_params_are_made_once_and_decode_the_same(model):
+    """`Model.decode_params` is the decode layout, made on first use and kept; fusing is a no-op
+    for weights already in it; releasing them changes nothing but memory."""
+    ids = testing.random_ids((2, 7), seed=3)
+    first = free_jax.decode(model, ids, max_new_tokens=6)
+    fused = model.decode_params
+    assert model.decode_params is fused
+    assert modeling.is_decode_layout(fused) and not modeling.is_decode_layout(model.params)
+    assert (
+        modeling.fuse_for_decoding(fused)["decoder"]["blocks"][0]["self_attn"]["qkv"]
+        is (fused["decoder"]["blocks"][0]["self_attn"]["qkv"])
+    )
+    model.release_decode_params()
+    assert "decode_params" not in model.__dict__
+    np.testing.assert_array_equal(
+        free_jax.decode(model, ids, max_new_tokens=6).tokens, first.tokens
+    )
+
+
+def test_encoder_length_pads_without_changing_the_output_or_recompiling(model):
+    """Sources of different lengths decoded with one `encoder_length` give the tokens they give
+    at their own length, and share one compiled decode loop."""
+    from free_jax import decoding
+
+    short, long = testing.random_ids((2, 5), seed=4), testing.random_ids((2, 20), seed=5)
+    free_jax.decode(model, short, max_new_tokens=5, encoder_length=48)
+    compiled = decoding.greedy_full._cache_size()
+    for ids in (short, long):
+        padded = free_jax.decode(model, ids, max_new_tokens=5, encoder_length=48)
+        own = free_jax.decode(model, ids, max_new_tokens=5)
+        np.testing.assert_array_equal(padded.tokens, own.tokens)
+    assert decoding.greedy_full._cache_size() == compiled + 2  # the two default lengths only
+    with pytest.raises(InputError, match=r"encoder_length=16 is shorter than the source \(32 "):
+        free_jax.decode(model, long, max_new_tokens=5, encoder_length=16)

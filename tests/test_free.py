@@ -93,10 +93,10 @@ def test_deep_cache_equals_the_full_models_for_the_emitted_prefix(model, batch):
     threshold = float(np.quantile(_confidences(model, batch), 0.5))
     ids16 = np.pad(ids, ((0, 0), (0, 5)))
     mask16 = np.pad(mask, ((0, 0), (0, 5)))
+    encoded = decoding.encode_source(model.params, ids16, mask16, config=model.config, length=16)
     result = decoding.free_decode(
         model.params,
-        ids16,
-        mask16,
+        *encoded,
         jnp.float32(threshold),
         config=model.config,
         exit_layer=LS,
@@ -370,3 +370,27 @@ def test_the_checkpoints_free_settings_are_decodes_defaults(model, batch):
         tagged, ids, attention_mask=mask, method="free", max_new_tokens=T, buffer_capacity=8
     )
     assert wide.num_deep_passes < by_default.num_deep_passes
+
+
+def test_an_unbounded_buffer_forces_no_deep_pass(model, batch):
+    """By default (no bound) rows that always exit never take a deep pass, as in the paper, and
+    emit the static exit's tokens; a bound K forces a pass at every (K+1)-th token."""
+    ids, mask = batch
+    unbounded = _free(model, batch, 0.0, min_new_tokens=T)
+    assert unbounded.num_deep_passes == 0 and unbounded.exit_rate == 1.0
+    static = free_jax.decode(
+        model,
+        ids,
+        attention_mask=mask,
+        method="static",
+        exit_layer=LS,
+        max_new_tokens=T,
+        min_new_tokens=T,
+    )
+    np.testing.assert_array_equal(unbounded.tokens, static.tokens)
+    # K = 4: positions 0-3 exit, 4 is forced deep (a pass over 5 positions per row), 5-8 exit,
+    # 9 is forced deep, 10-11 exit.
+    bounded = _free(model, batch, 0.0, min_new_tokens=T, buffer_capacity=4)
+    assert bounded.num_deep_passes == 2
+    np.testing.assert_array_equal(bounded.deep_pass_tokens, [5 * len(ids)] * 2)
+    np.testing.assert_array_equal(bounded.exited.sum(axis=1), [T - 2] * len(ids))

@@ -116,7 +116,7 @@ def test_cli_train_runs_logs_and_exports(cli_run, capsys):
     final = free_jax.load(out / "final")
     meta = read_metadata(out / "final")["free"]
     assert meta["exit_layer"] == 2 and meta["confidence"] == "softmax_diff"
-    assert meta["threshold"] == 0.9 and meta["buffer_capacity"] == 8
+    assert meta["threshold"] == 0.9 and meta["buffer_capacity"] is None  # no bound
     hf = free_jax.load(out / "hf")
     assert final.metadata == hf.metadata and hf.metadata["free"] == meta  # decode's defaults
     for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(hf.params), strict=True):

@@ -345,17 +345,19 @@ class ExportConfig:
       free_jax: a `free_jax.save` checkpoint in `final/` with FREE metadata.
       hf: a Hugging Face directory in `hf/` (`free_jax.export_hf`).
       confidence, threshold, buffer_capacity: the FREE decoding settings recorded in the
-        metadata (`free_jax.decode`'s defaults for the model).
+        metadata (`free_jax.decode`'s defaults for the model); a `buffer_capacity` of None
+        means no bound (see `free_jax.decode`).
     """
 
     free_jax: bool = True
     hf: bool = True
     confidence: str = "softmax_diff"
     threshold: float = 0.9
-    buffer_capacity: int = 8
+    buffer_capacity: int | None = None
 
     def __post_init__(self):
-        _positive_int("ExportConfig", "buffer_capacity", self.buffer_capacity)
+        if self.buffer_capacity is not None:
+            _positive_int("ExportConfig", "buffer_capacity", self.buffer_capacity)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
