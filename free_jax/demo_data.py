@@ -337,12 +337,14 @@ def baselines(texts: Sequence[str]) -> dict[str, list[str]]:
 
 
 def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """sacreBLEU (the task's metric), ROUGE-L (blind to case and punctuation, for contrast) and
-    the share of sentences restored exactly, all in [0, 100]."""
+    """Punctuation F1 (the task's metric) with its precision and recall, sacreBLEU, ROUGE-L
+    (blind to case and punctuation, for contrast) and the share of sentences restored exactly,
+    all in [0, 100]."""
     from free_jax import metrics
 
     exact = np.mean([p == r for p, r in zip(predictions, references, strict=True)])
     return {
+        **metrics.compute("punct_f1", predictions, references),
         "sacrebleu": metrics.compute("sacrebleu", predictions, references)["sacrebleu"],
         "rougeL": metrics.compute("rougeL", predictions, references)["rougeL"],
         "exact_match": 100.0 * float(exact),

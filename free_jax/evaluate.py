@@ -340,6 +340,7 @@ class Report:
             "task": {
                 "name": self.task.name,
                 "metric": self.metric,
+                "extra_metrics": list(self.task.extra_metrics),
                 "split": self.split,
                 "num_examples": self.num_examples,
                 "prefix": self.task.prefix,
@@ -471,7 +472,7 @@ class _Runner:
         passes = sum(out.num_deep_passes for out in self.outputs)
         return MethodResult(
             spec=self.spec,
-            quality=metrics.compute(task.metric, texts, references),
+            quality=_scores(task, texts, references),
             exact_match=100.0 * _exact_match(texts, references),
             matches_full=0.0,
             seconds=float(sum(self.times)),
@@ -492,6 +493,14 @@ class _Runner:
         return [
             out.tokens[i, : out.lengths[i]] for out in self.outputs for i in range(len(out.lengths))
         ]
+
+
+def _scores(task: data.Task, texts: Sequence[str], references: Sequence[Any]) -> dict[str, float]:
+    """The task's headline metric and its extra metrics, with their families."""
+    scores: dict[str, float] = {}
+    for metric in dict.fromkeys((task.metric, *task.extra_metrics)):
+        scores.update(metrics.compute(metric, texts, references))
+    return scores
 
 
 def _exact_match(texts: Sequence[str], references: Sequence[Any]) -> float:
@@ -626,7 +635,7 @@ def evaluate(
     baseline_scores = {}
     for name, fn in baselines.items():
         predictions = [fn(s) for s in sources]
-        scores = metrics.compute(task.metric, predictions, references)
+        scores = _scores(task, predictions, references)
         scores["exact_match"] = 100.0 * _exact_match(predictions, references)
         baseline_scores[name] = scores
 
@@ -697,10 +706,13 @@ def _model_info(model: Model, source: str) -> dict[str, Any]:
 
 
 def format_table(report: Report) -> str:
-    """The main table as text: quality, speed-up, exit rate, deep passes per token."""
+    """The main table as text: quality (the headline metric, then the task's extra metrics),
+    speed-up, exit rate, deep passes per token."""
     metric = report.metric
+    extra = [m for m in report.task.extra_metrics if m != metric]
+    extra_header = "".join(f" {m:>9}" for m in extra)
     header = (
-        f"{'method':<32} {metric:>9} {'exact%':>7} {'=full%':>7} {'speedup':>8} "
+        f"{'method':<32} {metric:>9}{extra_header} {'exact%':>7} {'=full%':>7} {'speedup':>8} "
         f"{'ms/tok':>7} {'exit%':>6} {'deep/tok':>8}"
     )
     lines = [
@@ -710,14 +722,17 @@ def format_table(report: Report) -> str:
         "-" * len(header),
     ]
     for r in report.methods:
+        extra_cells = "".join(f" {r.quality[m]:9.2f}" for m in extra)
         lines.append(
-            f"{r.spec.name:<32} {r.quality[metric]:9.2f} {r.exact_match:7.1f} "
+            f"{r.spec.name:<32} {r.quality[metric]:9.2f}{extra_cells} {r.exact_match:7.1f} "
             f"{r.matches_full:7.1f} {r.speedup:7.2f}x {r.ms_per_token:7.2f} "
             f"{100 * r.exit_rate:6.1f} {r.deep_passes_per_token:8.3f}"
         )
     for name, scores in report.baselines.items():
+        extra_cells = "".join(f" {scores[m]:9.2f}" for m in extra)
         lines.append(
-            f"{'baseline: ' + name:<32} {scores[metric]:9.2f} {scores['exact_match']:7.1f}"
+            f"{'baseline: ' + name:<32} {scores[metric]:9.2f}{extra_cells} "
+            f"{scores['exact_match']:7.1f}"
         )
     s = report.summary()
     lines.append("")
@@ -731,7 +746,7 @@ def format_table(report: Report) -> str:
         else:
             lines.append(
                 f"  {family:<7} {best['speedup']:.2f}x  ({best['label']}, {metric} "
-                f"{best['quality']:.2f} = {100 * best['relative_quality']:.1f}% of full)"
+                f"{best['quality']:.2f} = {_percent(best['relative_quality'])} of full)"
             )
     for family, at in s["quality_at_free_speedup"].items():
         q = at["quality"]
@@ -740,7 +755,7 @@ def format_table(report: Report) -> str:
             f"outside its measured speed-ups; nearest: {near['label']} at "
             f"{near['speedup']:.2f}x, {metric} {near['quality']:.2f}"
             if q is None
-            else f"{metric} {q:.2f} ({100 * at['relative_quality']:.1f}% of full)"
+            else f"{metric} {q:.2f} ({_percent(at['relative_quality'])} of full)"
         )
         lines.append(f"  at FREE's {at['speedup']:.2f}x, {family}: {where}")
     if s["exact_mode_equals_full"] is not None:
@@ -755,6 +770,11 @@ def format_table(report: Report) -> str:
             f"{env['load_average_end']} on {env['cpu_count']} CPUs); speed-ups are unreliable."
         )
     return "\n".join(lines)
+
+
+def _percent(fraction: float | None) -> str:
+    """A share as "99.5%", or "n/a" where it is undefined (a full model that scores 0)."""
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 _COLOURS = {"full": "black", "static": "tab:blue", "calm": "tab:orange", "free": "tab:green"}

@@ -1,4 +1,5 @@
-"""Evaluation metrics of the paper's tasks: ROUGE, SQuAD F1 / exact match, sacreBLEU.
+"""Evaluation metrics: the paper's (ROUGE, SQuAD F1 / exact match, sacreBLEU) and the demo's
+(punctuation restoration F1).
 
 One entry point, `compute(metric_name, predictions, references)`, returns a dict of scores in
 [0, 100] holding `metric_name` and the other scores of its family, which cost nothing extra
@@ -17,6 +18,14 @@ a string or a sequence of strings (several gold answers or reference translation
   scores F1 = 1 only against another empty one (the v2.0 script's rule; v1.1 never meets either).
 * sacreBLEU: `sacrebleu.corpus_bleu` with its defaults (13a tokenisation, exponential smoothing),
   the reference streams being the examples' first, second, ... references.
+* Punctuation restoration (`punct_f1`, the usual measure of that task): micro-averaged precision,
+  recall and F1 of the punctuation after each word. Both texts are split into words and the marks
+  `, . ; : ? !` that follow each word; the words are aligned (`difflib.SequenceMatcher`, Python's
+  own longest-matching-blocks diff) and each word of the reference carries one slot, its marks
+  ("" for none). A slot whose marks the prediction reproduces on the aligned word is a true
+  positive; marks the reference has and the prediction lacks (or puts on an unaligned word, or
+  differently) are false negatives; marks the prediction adds are false positives. Counts are
+  summed over the corpus. Unlike BLEU, copying the words scores 0: only the restored marks count.
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ from free_jax.errors import InputError
 ROUGE_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 SQUAD_METRICS = ("squad_f1", "squad_em")
 BLEU_METRICS = ("sacrebleu",)
-METRICS = (*ROUGE_METRICS, *SQUAD_METRICS, *BLEU_METRICS)
+PUNCTUATION_METRICS = ("punct_f1", "punct_precision", "punct_recall")
+METRICS = (*ROUGE_METRICS, *SQUAD_METRICS, *BLEU_METRICS, *PUNCTUATION_METRICS)
 
 Reference = str | Sequence[str]
 
@@ -50,7 +60,8 @@ def compute(
 
     Returns:
       Scores in [0, 100]: `metric_name` and the rest of its family (ROUGE: rouge1, rouge2,
-      rougeL, rougeLsum; SQuAD: squad_f1, squad_em; BLEU: sacrebleu).
+      rougeL, rougeLsum; SQuAD: squad_f1, squad_em; BLEU: sacrebleu; punctuation: punct_f1,
+      punct_precision, punct_recall).
 
     Raises:
       InputError: an unknown metric name, or predictions and references that are not equally
@@ -63,6 +74,8 @@ def compute(
         return rouge(predictions, references)
     if metric_name in SQUAD_METRICS:
         return squad(predictions, references)
+    if metric_name in PUNCTUATION_METRICS:
+        return punctuation(predictions, references)
     return bleu(predictions, references)
 
 
@@ -197,3 +210,71 @@ def bleu(predictions: Sequence[str], references: Sequence[Reference]) -> dict[st
         )
     streams = [list(stream) for stream in zip(*references, strict=True)]
     return {"sacrebleu": float(sacrebleu.corpus_bleu(predictions, streams).score)}
+
+
+# ---------------------------------------------------------------------------- punctuation
+
+MARKS = ",.;:?!"
+_WORD_OR_MARK = re.compile(r"[,.;:?!]|[^\s,.;:?!]+")
+
+
+def punctuation_slots(text: str) -> tuple[list[str], list[str]]:
+    """(words, marks): the words of `text` and the marks that follow each ("" for none).
+
+    Marks before the first word belong to a leading empty word, so that none is lost:
+    `punctuation_slots("Yes, it works.")` is `(["Yes", "it", "works"], [",", "", "."])`.
+    """
+    words: list[str] = []
+    marks: list[str] = []
+    for piece in _WORD_OR_MARK.findall(text):
+        if piece in MARKS:
+            if not words:
+                words.append("")
+                marks.append("")
+            marks[-1] += piece
+        else:
+            words.append(piece)
+            marks.append("")
+    return words, marks
+
+
+def punctuation_counts(prediction: str, reference: str) -> tuple[int, int, int]:
+    """(true positives, false positives, false negatives) of one prediction's punctuation."""
+    import difflib
+
+    ref_words, ref_marks = punctuation_slots(reference)
+    pred_words, pred_marks = punctuation_slots(prediction)
+    matcher = difflib.SequenceMatcher(None, ref_words, pred_words, autojunk=False)
+    tp = fp = fn = 0
+    aligned_ref, aligned_pred = set(), set()
+    for a, b, size in matcher.get_matching_blocks():
+        for k in range(size):
+            aligned_ref.add(a + k)
+            aligned_pred.add(b + k)
+            gold, guess = ref_marks[a + k], pred_marks[b + k]
+            if gold and gold == guess:
+                tp += 1
+            else:
+                fn += bool(gold)
+                fp += bool(guess)
+    fn += sum(1 for i, m in enumerate(ref_marks) if m and i not in aligned_ref)
+    fp += sum(1 for j, m in enumerate(pred_marks) if m and j not in aligned_pred)
+    return tp, fp, fn
+
+
+def punctuation(predictions: Sequence[str], references: Sequence[Reference]) -> dict[str, float]:
+    """Corpus punctuation-restoration precision, recall and F1 x 100 (the first reference of
+    each example; see the module docstring)."""
+    predictions, references = _check(predictions, references)
+    tp = fp = fn = 0
+    for prediction, refs in zip(predictions, references, strict=True):
+        a, b, c = punctuation_counts(prediction, refs[0] if refs else "")
+        tp, fp, fn = tp + a, fp + b, fn + c
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "punct_f1": 100.0 * f1,
+        "punct_precision": 100.0 * precision,
+        "punct_recall": 100.0 * recall,
+    }

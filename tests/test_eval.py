@@ -159,7 +159,7 @@ def test_report_fields_and_consistency(report):
         "free thr=0.50 Ls=1",
         "free thr=0.05 Ls=1",
     ]
-    assert report.num_examples == 4 and report.metric == "sacrebleu"
+    assert report.num_examples == 4 and report.metric == "punct_f1"
     full = report.full
     assert full.speedup == 1.0 and full.matches_full == 100.0 and full.exit_rate == 0.0
     assert full.deep_passes_per_token == 1.0  # batch 1: one deep pass per step
@@ -168,18 +168,19 @@ def test_report_fields_and_consistency(report):
     for r in report.methods + report.sweep:
         assert r.seconds > 0 and r.speedup > 0 and r.tokens > 0
         assert 0.0 <= r.exit_rate <= 1.0 and 0.0 <= r.deep_passes_per_token <= 1.0
-        assert len(r.texts) == 4 and 0.0 <= r.quality["sacrebleu"] <= 100.0
+        assert len(r.texts) == 4 and 0.0 <= r.quality["punct_f1"] <= 100.0
+        assert 0.0 <= r.quality["sacrebleu"] <= 100.0  # the task's extra metric
         assert r.speedup == pytest.approx(full.seconds / r.seconds)
     adaptive = report.methods[4]
     assert adaptive.spec.adaptive and 0.0 <= adaptive.final_threshold <= 1.0
     assert adaptive.calibration_points > 0 and adaptive.calibration_seconds > 0
     assert report.settings["threshold_estimator"]["schedule"] == "reference"
     assert set(report.baselines) == {"copy_input", "add_full_stop"}
-    # Copying the unpunctuated input scores below adding a full stop to it.
-    assert (
-        report.baselines["copy_input"]["sacrebleu"]
-        < (report.baselines["add_full_stop"]["sacrebleu"])
-    )
+    # Copying the unpunctuated input restores no punctuation; adding a full stop to it does
+    # better, in both metrics.
+    copy, stop = report.baselines["copy_input"], report.baselines["add_full_stop"]
+    assert copy["punct_f1"] == 0.0 < stop["punct_f1"]
+    assert copy["sacrebleu"] < stop["sacrebleu"]
 
 
 def test_exact_mode_output_equals_full(report):
@@ -214,6 +215,12 @@ def test_json_report_and_plot_are_written(report, tmp_path):
     assert set(summary["best_speedup_at_99_percent"]) == {"static", "calm", "free"}
     table = evaluate.format_table(report)
     assert "free exact thr=0.90 Ls=1" in table and "baseline: copy_input" in table
+    header = table.splitlines()[1].split()
+    assert header[:3] == ["method", "punct_f1", "sacrebleu"]  # the headline, then the extra one
+    full_row = table.splitlines()[3].split()
+    assert full_row[:3] == ["full", f"{report.full.quality['punct_f1']:.2f}"] + [
+        f"{report.full.quality['sacrebleu']:.2f}"
+    ]
 
 
 def test_batched_evaluation_keeps_the_rows(runs, report):
@@ -464,7 +471,8 @@ def test_shipped_data_splits_tokenizer_and_stats():
 
 def test_the_demo_task_reads_its_shipped_files(tokenizer, tmp_path):
     task = data.get_task(demo_data.TASK_NAME)
-    assert task.metric == "sacrebleu" and task.prefix == "restore: "
+    assert task.metric == "punct_f1" and task.extra_metrics == ("sacrebleu",)
+    assert task.prefix == "restore: "
     assert task.source({"text": "However, BERT works; see: it."}) == "However BERT works see it"
     # No data_files: the task's shipped file of the split.
     examples = data.load_examples(task, tokenizer, split="validation", cache_dir=tmp_path)

@@ -82,6 +82,45 @@ def test_bleu_identical_and_hand_computed():
     assert two["sacrebleu"] == pytest.approx(100.0)
 
 
+def test_punctuation_slots_attach_marks_to_the_word_before():
+    assert metrics.punctuation_slots("Yes, it works.") == (["Yes", "it", "works"], [",", "", "."])
+    assert metrics.punctuation_slots("e.g., Why?!") == (["e", "g", "Why"], [".", ".,", "?!"])
+    # Marks before any word go to a leading empty word; hyphens and apostrophes are word parts.
+    assert metrics.punctuation_slots(", real-world model's") == (
+        ["", "real-world", "model's"],
+        [",", "", ""],
+    )
+
+
+def test_punctuation_f1_hand_computed():
+    perfect = metrics.compute("punct_f1", ["Yes, it works."], ["Yes, it works."])
+    assert perfect == {"punct_f1": 100.0, "punct_precision": 100.0, "punct_recall": 100.0}
+    # Copying the words restores nothing: no true positives.
+    assert metrics.compute("punct_f1", ["Yes it works"], ["Yes, it works."])["punct_f1"] == 0.0
+    # 1: "works." right, "Yes," missed (TP 1, FN 1). 2: "A," and "c." right, "b," added (TP 2,
+    # FP 1). Corpus: P = 3/4, R = 3/4.
+    scores = metrics.compute(
+        "punct_f1", ["Yes it works.", "A, b, c."], ["Yes, it works.", "A, b c."]
+    )
+    assert scores == pytest.approx(
+        {"punct_f1": 75.0, "punct_precision": 75.0, "punct_recall": 75.0}
+    )
+    # The wrong mark on the right word is one false positive and one false negative.
+    wrong = metrics.punctuation_counts("One; two.", "One, two.")
+    assert wrong == (1, 1, 1)
+
+
+def test_punctuation_f1_aligns_words_the_prediction_repeats_or_drops():
+    # A looping prediction: the aligned "Code," and "works." count, the repeats' commas do not.
+    reference = "Code, and data works."
+    assert metrics.punctuation_counts("Code, Code, Code, and data works.", reference) == (2, 2, 0)
+    # A dropped word takes its mark with it.
+    assert metrics.punctuation_counts("and data works.", reference) == (1, 0, 1)
+    # The first reference of several is the one scored.
+    two = metrics.compute("punct_f1", ["A, b."], [["A, b.", "A b."]])
+    assert two["punct_f1"] == pytest.approx(100.0)
+
+
 def test_errors():
     with pytest.raises(InputError, match="unknown metric 'bleu'; valid: .*sacrebleu"):
         metrics.compute("bleu", ["a"], ["a"])
