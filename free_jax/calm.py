@@ -120,6 +120,7 @@ def calm_step(
     *,
     min_layer: int,
     confidence: str,
+    encoder_output: Array | None = None,
 ) -> tuple[Array, DecoderCache, Array, Array]:
     """One CALM decoding step for a batch.
 
@@ -129,6 +130,8 @@ def calm_step(
       threshold: float32[] the (already decayed) threshold; a row exits when its confidence is
         strictly greater.
       min_layer: the shallowest block a token may exit after, in [1, L - 1].
+      encoder_output: [B, S, D]: fill a block's cross-attention K/V the first time a token
+        climbs to it (for a cache made with `cross_layers=min_layer`); None: the cache has them.
 
     Returns:
       (logits float32[B, V], cache, exit layer int32[B], confidence float32[B]).
@@ -175,7 +178,12 @@ def calm_step(
             return c.logits, cache, c.layer, c.confidence
 
         def next_block(c: _Climb):
-            out = modeling.decoder_blocks(params, config, c.cache, c.hidden, start=i, stop=i + 1)
+            cache = c.cache
+            if encoder_output is not None:
+                cache = modeling.fill_cross_attention(
+                    params, config, cache, encoder_output, start=i, stop=i + 1
+                )
+            out = modeling.decoder_blocks(params, config, cache, c.hidden, start=i, stop=i + 1)
             # Exited rows keep their exit state: the block just ran on it, so its K/V for them
             # are state copies, and the blocks above will see the same state.
             hidden = jnp.where(c.exited[:, None, None], c.hidden, out.hidden)
@@ -223,8 +231,9 @@ def calm_decode(
     """
     B, T = encoder_output.shape[0], max_new_tokens
     L = config.num_decoder_layers
+    # A block's cross-attention K/V are computed the first time a token climbs to it.
     params, cache = modeling.start_decoding(
-        params, config, encoder_output, encoder_mask, max_new_tokens
+        params, config, encoder_output, encoder_mask, max_new_tokens, cross_layers=min_layer
     )
     carry = CalmCarry(
         cache=cache,
@@ -247,6 +256,7 @@ def calm_decode(
             lam,
             min_layer=min_layer,
             confidence=confidence,
+            encoder_output=encoder_output,
         )
         deep_rows = jnp.sum(~done & (layer == L)).astype(jnp.int32)
         carry = CalmCarry(

@@ -260,9 +260,16 @@ def free_decode(
     """
     B = encoder_output.shape[0]
     L, Ls = config.num_decoder_layers, exit_layer
+    # The deep blocks' cross-attention K/V are computed at the first deep pass, not up front: an
+    # input whose every token exits never needs them.
     params, cache = modeling.start_decoding(
-        params, config, encoder_output, encoder_mask, max_new_tokens
+        params, config, encoder_output, encoder_mask, max_new_tokens, cross_layers=Ls
     )
+
+    def prepare_fn(cache):
+        return modeling.fill_cross_attention(
+            params, config, cache, encoder_output, start=Ls, stop=L
+        )
 
     def shallow_fn(cache, tokens, active):
         x = modeling.embed(params, tokens[:, None])  # [B, 1, D]
@@ -311,6 +318,7 @@ def free_decode(
         rollback_margin=rollback_margin,
         max_wait=max_wait,
         wait_mode=wait_mode,
+        prepare_fn=prepare_fn,
     )
 
 

@@ -51,12 +51,16 @@ class DecoderCache:
       cross_k, cross_v: L arrays [B, S, H, Dh], cross-attention K/V from the encoder output,
         computed once per input.
       encoder_mask: bool[B, S], True for real source tokens.
+      cross_ready: bool[L] whether each block's cross_k/cross_v hold their values yet (a
+        decoder that may never run its upper blocks computes theirs on first use; see
+        `free_jax.modeling.init_decoder_cache`).
     """
 
     layers: tuple[LayerCache, ...]
     cross_k: tuple[Array, ...]
     cross_v: tuple[Array, ...]
     encoder_mask: Array
+    cross_ready: Array
 
     def truncate(self, lengths: Array) -> DecoderCache:
         """Rolls every layer of row b back to at most `lengths[b]` positions (int32[B])."""

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from free_jax.config import T5Config
 from free_jax.kv_cache import DecoderCache, LayerCache, write_positions
+from free_jax.search import run_if
 
 Params = dict[str, Any]
 Array = jax.Array
@@ -336,6 +337,7 @@ def init_decoder_cache(
     max_length: int,
     *,
     num_layers: int | None = None,
+    cross_layers: int | None = None,
 ) -> DecoderCache:
     """An empty self-attention cache and the cross-attention K/V, computed once.
 
@@ -345,21 +347,64 @@ def init_decoder_cache(
       max_length: T, decoder positions the cache can hold.
       num_layers: cache only blocks [0, num_layers) (a decoder that never runs deeper, such
         as static exiting, skips the others' cross-attention K/V); default all L.
+      cross_layers: compute the cross-attention K/V of blocks [0, cross_layers) only and leave
+        the rest zero, for `fill_cross_attention` to compute when (if ever) they are needed;
+        default all of them.
     """
-    B = encoder_output.shape[0]
+    B, S = encoder_output.shape[:2]
     dtype = encoder_output.dtype
+    blocks = params["decoder"]["blocks"][:num_layers]
+    cross_layers = len(blocks) if cross_layers is None else cross_layers
     layers, cross_k, cross_v = [], [], []
-    for block in params["decoder"]["blocks"][:num_layers]:
+    for i, block in enumerate(blocks):
         layers.append(LayerCache.empty(B, max_length, config.num_heads, config.d_kv, dtype))
-        ca = block["cross_attn"]
-        cross_k.append(_split_heads(encoder_output @ ca["k"], config))
-        cross_v.append(_split_heads(encoder_output @ ca["v"], config))
+        if i < cross_layers:
+            k, v = _cross_kv(block, config, encoder_output)
+        else:
+            k = v = jnp.zeros((B, S, config.num_heads, config.d_kv), dtype)
+        cross_k.append(k)
+        cross_v.append(v)
     return DecoderCache(
         layers=tuple(layers),
         cross_k=tuple(cross_k),
         cross_v=tuple(cross_v),
         encoder_mask=encoder_mask.astype(bool),
+        cross_ready=jnp.arange(len(blocks)) < cross_layers,
     )
+
+
+def _cross_kv(block: Params, config: T5Config, encoder_output: Array) -> tuple[Array, Array]:
+    ca = block["cross_attn"]
+    return (
+        _split_heads(encoder_output @ ca["k"], config),
+        _split_heads(encoder_output @ ca["v"], config),
+    )
+
+
+def fill_cross_attention(
+    params: Params,
+    config: T5Config,
+    cache: DecoderCache,
+    encoder_output: Array,
+    *,
+    start: int,
+    stop: int,
+) -> DecoderCache:
+    """The cache with blocks [start, stop)'s cross-attention K/V computed from `encoder_output`
+    [B, S, D], unless they all are already (`cache.cross_ready`): a decoder that builds its cache
+    with `cross_layers` calls this before running those blocks. It does the work only once; the
+    check is an in-place conditional (`search.run_if`), so the cache is not copied."""
+
+    def fill(cache: DecoderCache) -> DecoderCache:
+        cross_k, cross_v = list(cache.cross_k), list(cache.cross_v)
+        for i in range(start, stop):
+            block = params["decoder"]["blocks"][i]
+            cross_k[i], cross_v[i] = _cross_kv(block, config, encoder_output)
+        block_index = jnp.arange(len(cross_k))
+        ready = cache.cross_ready | ((block_index >= start) & (block_index < stop))
+        return cache.replace(cross_k=tuple(cross_k), cross_v=tuple(cross_v), cross_ready=ready)
+
+    return run_if(~jnp.all(cache.cross_ready[start:stop]), fill, cache)
 
 
 @flax.struct.dataclass
@@ -503,17 +548,25 @@ def start_decoding(
     encoder_mask: Array,
     max_new_tokens: int,
     num_layers: int | None = None,
+    cross_layers: int | None = None,
 ) -> tuple[Params, DecoderCache]:
     """What every decoding method does first, once the source is encoded: build the decoder
-    cache for blocks [0, num_layers) and put the weights in decode layout (a no-op for weights
-    already in it, such as `Model.decode_params`). Returns (decode-layout params, cache).
+    cache for blocks [0, num_layers) (with the cross-attention K/V of [0, cross_layers), see
+    `init_decoder_cache`) and put the weights in decode layout (a no-op for weights already in
+    it, such as `Model.decode_params`). Returns (decode-layout params, cache).
 
     Args:
       encoder_output: [B, S, D] (`encode`, maybe padded: see `free_jax.decoding.encode_source`).
       encoder_mask: [B, S], nonzero for real source positions.
     """
     cache = init_decoder_cache(
-        params, config, encoder_output, encoder_mask, max_new_tokens, num_layers=num_layers
+        params,
+        config,
+        encoder_output,
+        encoder_mask,
+        max_new_tokens,
+        num_layers=num_layers,
+        cross_layers=cross_layers,
     )
     return fuse_for_decoding(params), cache
 

@@ -13,6 +13,8 @@ confidences and no weights:
   at each row's current token, unless the pending tokens' agreement data are asked for.
 * `truncate_fn(cache, lengths int32[B]) -> cache`, which rolls every layer back to at most
   `lengths` (exact mode only).
+* optionally `prepare_fn(cache) -> cache`, run once at the start of every deep pass (T5 computes
+  the deep blocks' cross-attention K/V there, on the first pass, rather than for every input).
 
 Per step, every unfinished row runs the shallow blocks once. A row whose confidence is strictly
 above the threshold *exits*: it emits the shallow argmax and queues its shallow state in a pending
@@ -70,7 +72,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from free_jax.search import suppress_eos
+from free_jax.search import branch, run_if, suppress_eos
 
 Array = jax.Array
 MODES = ("default", "exact", "rollback")
@@ -176,28 +178,6 @@ def max_loop_steps(max_new_tokens: int, capacity: int, mode: str, max_wait: int 
     return steps if mode == "default" else steps * (capacity + 1)
 
 
-def run_if(pred: Array, fn: Callable[[Any], Any], carry: Any) -> Any:
-    """`fn(carry)` if `pred` else `carry`, as a while loop of zero or one trips.
-
-    `lax.cond` would do, but XLA gives a conditional's results their own buffers: a branch that
-    passes the decode caches through copies them, and one that updates them copies them first,
-    every step. A while loop updates its carry in place, so the caches are never copied (the
-    FREE decode program's cache copies went from 103 to 0; on the small demo model at batch 1
-    the wall time did not change measurably; a copy grows with the cache).
-    """
-
-    def body(c):
-        return jnp.zeros((), bool), fn(c[1])
-
-    return jax.lax.while_loop(lambda c: c[0], body, (jnp.asarray(pred, bool), carry))[1]
-
-
-def branch(pred: Array, if_true: Callable[[Any], Any], if_false: Callable[[Any], Any], carry):
-    """`lax.cond(pred, if_true, if_false, carry)` with in-place carries (see `run_if`)."""
-    pred = jnp.asarray(pred, bool)
-    return run_if(~pred, if_false, run_if(pred, if_true, carry))
-
-
 def _take(x: Array, index: Array) -> Array:
     """x[b, index[b, j]] for x [B, T] and index [B, J] (clipped into range)."""
     return jnp.take_along_axis(x, jnp.clip(index, 0, x.shape[1] - 1), axis=1)
@@ -234,6 +214,7 @@ def spd_search(
     rollback_margin: float = 0.0,
     max_wait: int = 0,
     wait_mode: str = "hold",
+    prepare_fn: Callable[[Any], Any] | None = None,
 ) -> SpdResult:
     """FREE's synchronized parallel greedy decoding in one `lax.while_loop`.
 
@@ -256,6 +237,7 @@ def spd_search(
       max_wait: steps a row needing the deep model may wait for others (0: never; see the module
         docstring).
       wait_mode: "hold" or "draft", how a row waits (see the module docstring).
+      prepare_fn: run on the cache before each deep pass (see the module docstring).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; valid: {MODES}.")
@@ -468,7 +450,8 @@ def spd_search(
         width = jnp.max(num_new)
         bucket = jnp.searchsorted(buckets_array, width, side="left")
         # One pass at the smallest bucket that fits (a `lax.switch`, but with in-place caches).
-        out = (jnp.full((B, K + 1), pad_id, jnp.int32), no_margin, s.cache)
+        cache = s.cache if prepare_fn is None else prepare_fn(s.cache)
+        out = (jnp.full((B, K + 1), pad_id, jnp.int32), no_margin, cache)
         for i, q in enumerate(buckets):
             out = run_if(bucket == i, lambda c, q=q: run(q)(c[2]), out)
         deep_tokens, margin, cache = out

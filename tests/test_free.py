@@ -394,3 +394,24 @@ def test_an_unbounded_buffer_forces_no_deep_pass(model, batch):
     assert bounded.num_deep_passes == 2
     np.testing.assert_array_equal(bounded.deep_pass_tokens, [5 * len(ids)] * 2)
     np.testing.assert_array_equal(bounded.exited.sum(axis=1), [T - 2] * len(ids))
+
+
+def test_the_deep_cross_attention_is_computed_at_the_first_deep_pass_only(model, batch):
+    """The deep blocks' cross-attention K/V are filled by the first deep pass: an input whose
+    every token exits never computes them; one with deep passes gets the encoder's values."""
+    ids, mask = batch
+    config = model.config
+    encoded = decoding.encode_source(model.params, ids, mask, config=config, length=16)
+    kw = dict(config=config, exit_layer=LS, max_new_tokens=T, buffer_capacity=T)
+    lazy = decoding.free_decode(model.params, *encoded, jnp.float32(0.0), **kw)
+    assert int(lazy.num_deep_passes) == 0
+    expected = np.arange(config.num_decoder_layers) < LS
+    np.testing.assert_array_equal(lazy.cache.cross_ready, expected)
+    for i in range(config.num_decoder_layers):
+        assert bool(jnp.any(lazy.cache.cross_k[i] != 0)) == expected[i]
+    deep = decoding.free_decode(model.params, *encoded, jnp.float32(1.0), **kw)
+    assert int(deep.num_deep_passes) > 0 and bool(jnp.all(deep.cache.cross_ready))
+    full = modeling.init_decoder_cache(model.params, config, encoded[0], encoded[1], T)
+    got_kv, want_kv = deep.cache.cross_k + deep.cache.cross_v, full.cross_k + full.cross_v
+    for got, want in zip(got_kv, want_kv, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
