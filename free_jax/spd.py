@@ -72,7 +72,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from free_jax.search import branch, run_if, suppress_eos
+from free_jax.search import run_if, suppress_eos
 
 Array = jax.Array
 MODES = ("default", "exact", "rollback")
@@ -152,6 +152,42 @@ class SpdResult:
     pass_tokens: Array
     pass_width: Array
     cache: Any
+
+
+@flax.struct.dataclass
+class _Decision:
+    """One step's shallow outcome, between deciding it and acting on it (see `spd_search`).
+
+    Attributes:
+      hidden: [B, D] each row's current shallow state (a waiting row's held one).
+      shallow_token: int32[B] its shallow argmax (a waiting row's held token).
+      exits: bool[B] the row exits at this step.
+      needs_deep: bool[B] the row is active and does not exit.
+      has_drafts: bool[B] the row has unverified drafts ("draft" waiting).
+      waited: int32[B] the row's wait count after this step.
+      go: bool[] a deep pass is due at this step.
+    """
+
+    hidden: Array
+    shallow_token: Array
+    exits: Array
+    needs_deep: Array
+    has_drafts: Array
+    waited: Array
+    go: Array
+
+    @classmethod
+    def empty(cls, batch: int, hidden: int, dtype: Any) -> _Decision:
+        no = jnp.zeros((batch,), bool)
+        return cls(
+            hidden=jnp.zeros((batch, hidden), dtype),
+            shallow_token=jnp.zeros((batch,), jnp.int32),
+            exits=no,
+            needs_deep=no,
+            has_drafts=no,
+            waited=jnp.zeros((batch,), jnp.int32),
+            go=jnp.zeros((), bool),
+        )
 
 
 def query_buckets(capacity: int) -> tuple[int, ...]:
@@ -289,10 +325,12 @@ def spd_search(
         cache=cache,
     )
 
-    def cond(s: SpdState) -> Array:
+    def running(s: SpdState) -> Array:
         return (s.step < max_steps) & ~jnp.all(s.done)
 
-    def body(s: SpdState) -> SpdState:
+    def decide(s: SpdState) -> tuple[SpdState, _Decision]:
+        """Runs the shallow blocks for every stepping row and decides the step: who exits, and
+        whether a deep pass is due (`go`). Records the confidences and the shallow cache."""
         active = ~s.done
         stepping = active & ~s.waiting  # waiting rows hold their token and take no step
         logits, hidden, conf, cache = shallow_fn(s.cache, s.last_token, stepping)
@@ -309,6 +347,7 @@ def spd_search(
         here = s.position[:, None]  # [B, 1]
         confidence = _put(s.confidence, here, conf[:, None], stepping[:, None])
         s = s.replace(cache=cache, confidence=confidence)
+        has_drafts = jnp.zeros_like(exits)
         if drafting:
             has_drafts = jnp.any(s.pending_draft, axis=1) & active
             waited = jnp.where(has_drafts, s.waited + 1, 0)
@@ -322,44 +361,72 @@ def spd_search(
                 | jnp.any(needs_deep & ~can_draft)
                 | jnp.any(has_drafts & exits & (finishing | ~room))
             )
-
-            def wait(s):
-                t = _push(s, hidden, active, draft=needs_deep)
-                t = _emit(t, shallow_token, active, exited=exits)
-                return t.replace(
-                    waited=waited,
-                    free_run=jnp.where(exits, s.free_run + 1, jnp.where(active, 0, s.free_run)),
-                    step=t.step + 1,
-                )
-
-            def deep(s):
-                t = _deep_step(s, hidden, shallow_token, exits, needs_deep, has_drafts)
-                return t.replace(waited=jnp.zeros_like(waited))
-
-            return branch(go, deep, wait, s)
-        if max_wait > 0:
+        elif max_wait > 0:
             waited = jnp.where(s.waiting, s.waited + 1, 0)
             stuck = ~jnp.any(exits)  # no row can advance without the deep model
             go = stuck | jnp.any(needs_deep & (waited >= max_wait))
         else:
             waited = s.waited
             go = jnp.any(needs_deep)
+        decision = _Decision(
+            hidden=hidden,
+            shallow_token=shallow_token,
+            exits=exits,
+            needs_deep=needs_deep,
+            has_drafts=has_drafts,
+            waited=waited,
+            go=go,
+        )
+        return s, decision
 
-        def wait(s):
-            t = _shallow_step(s, hidden, shallow_token, exits)
+    def wait(s: SpdState, d: _Decision, enabled: Array) -> SpdState:
+        """A step without a deep pass: exiting rows emit their shallow tokens; with waiting,
+        the others wait or draft. Changes nothing unless `enabled` (a scalar)."""
+        active = ~s.done & enabled
+        if drafting:
+            t = _push(s, d.hidden, active, draft=d.needs_deep)
+            t = _emit(t, d.shallow_token, active, exited=d.exits)
+            free_run = jnp.where(d.exits, s.free_run + 1, jnp.where(active, 0, s.free_run))
             return t.replace(
-                waiting=needs_deep,
-                waited=waited,
-                held_hidden=jnp.where(needs_deep[:, None], hidden, s.held_hidden),
-                held_token=jnp.where(needs_deep, shallow_token, s.held_token),
+                waited=jnp.where(enabled, d.waited, s.waited),
+                free_run=jnp.where(enabled, free_run, s.free_run),
+                step=t.step + enabled.astype(jnp.int32),
             )
+        exits = d.exits & enabled
+        t = _push(s, d.hidden, exits)
+        t = _emit(t, d.shallow_token, exits, exited=jnp.ones_like(exits))
+        t = t.replace(step=t.step + enabled.astype(jnp.int32))
+        if max_wait == 0:
+            return t
+        holds = d.needs_deep & enabled
+        return t.replace(
+            waiting=jnp.where(enabled, d.needs_deep, s.waiting),
+            waited=jnp.where(enabled, d.waited, s.waited),
+            held_hidden=jnp.where(holds[:, None], d.hidden, s.held_hidden),
+            held_token=jnp.where(holds, d.shallow_token, s.held_token),
+        )
 
-        def deep(s):
-            no_drafts = jnp.zeros_like(exits)
-            t = _deep_step(s, hidden, shallow_token, exits, needs_deep, no_drafts)
-            return t.replace(waiting=jnp.zeros_like(s.waiting), waited=jnp.zeros_like(waited))
+    def deep(s: SpdState, d: _Decision) -> SpdState:
+        """A step with a deep pass."""
+        t = _deep_step(s, d.hidden, d.shallow_token, d.exits, d.needs_deep, d.has_drafts)
+        t = t.replace(waited=jnp.zeros_like(d.waited))
+        return t if drafting else t.replace(waiting=jnp.zeros_like(s.waiting))
 
-        return branch(go, deep, wait, s)
+    def shallow_steps(s: SpdState) -> tuple[SpdState, _Decision]:
+        """Steps while no deep pass is due, in one tight loop (no conditionals per step); stops
+        at the step that needs one, with its decision, or when decoding is over."""
+
+        def body(c):
+            s, d = decide(c[0])
+            return wait(s, d, ~d.go), d
+
+        return jax.lax.while_loop(
+            lambda c: running(c[0]) & ~c[1].go, body, (s, _Decision.empty(B, D, hidden_dtype))
+        )
+
+    def body(s: SpdState) -> SpdState:
+        s, d = shallow_steps(s)
+        return run_if(d.go, lambda s: deep(s, d), s)
 
     def _emit(s: SpdState, token: Array, where: Array, exited: Array) -> SpdState:
         """Emits `token` at each row's position where `where`; advances those rows."""
@@ -388,11 +455,6 @@ def spd_search(
             pending_count=s.pending_count + where.astype(jnp.int32),
             pending_draft=flags,
         )
-
-    def _shallow_step(s, hidden, shallow_token, exits):
-        s = _push(s, hidden, exits)
-        s = _emit(s, shallow_token, exits, exited=jnp.ones_like(exits))
-        return s.replace(step=s.step + 1)
 
     def _deep_step(s, hidden, shallow_token, exits, needs_deep, has_drafts):
         active = ~s.done
@@ -511,7 +573,7 @@ def spd_search(
         s = _emit(s, shallow_token, bystanders, exited=jnp.ones_like(bystanders))
         return s.replace(cache=truncate_fn(s.cache, s.position), step=s.step + 1)
 
-    final = jax.lax.while_loop(cond, body, state)
+    final = jax.lax.while_loop(running, body, state)
     return SpdResult(
         tokens=final.tokens,
         lengths=final.position,
