@@ -529,3 +529,23 @@ def test_statistics_of_a_tiny_set(tokenizer):
     assert 0 < stats["target_tokens_copied_from_source"] < 1
     assert stats["baselines"]["copy_input"]["exact_match"] == 0.0
     assert np.isclose(stats["baselines"]["copy_input"]["rougeL"], 100.0)
+
+
+def test_cpu_meter_counts_others_and_steal_not_this_process(monkeypatch):
+    """The busy check compares the machine's CPU time with this process's own: on 2 CPUs over
+    10 s (20 CPU-seconds), 13 busy of which 9 are ours and 1 steal leaves others 4 = 20%."""
+    readings = iter([(100.0, 40.0, 2.0, 30.0), (120.0, 53.0, 3.0, 39.0)])
+    monkeypatch.setattr(evaluate._CpuMeter, "_read", staticmethod(lambda: next(readings)))
+    shares = evaluate._CpuMeter().shares()
+    assert shares == {"others": 0.2, "steal": 0.05}
+    env = evaluate._environment(None, shares)
+    assert env["cpu_time_of_others_while_timing"] == shares and not env["timings_under_load"]
+    busy = evaluate._environment(None, {"others": 0.4, "steal": 0.3})
+    assert busy["timings_under_load"]
+    # On this machine the meter reads real numbers, each a share of the whole.
+    real = evaluate._CpuMeter.__new__(evaluate._CpuMeter)
+    monkeypatch.undo()
+    real.__init__()
+    measured = real.shares()
+    if measured is not None:
+        assert all(0.0 <= v <= 1.0 for v in measured.values())
