@@ -15,10 +15,13 @@ Methods:
   exited tokens and reproduces full-model greedy output.
 
 `decode` is the host-level entry point: it validates and tokenizes inputs, pads the source length
-to a bucket (so inputs of similar lengths share one compilation), runs the jitted search for the
-requested method and returns NumPy results with decoded texts. The jitted cores (`greedy_full`,
-`greedy_static`, `free_decode`) are public too, for callers who compose them inside their own
-`jit`; their `threshold` is a traced argument, so a new threshold never recompiles.
+to a multiple of 16, runs the encoder (`encode_source`, which pads its output to `encoder_length`
+so that inputs of different lengths can share one compiled loop), runs the jitted search for the
+requested method on the model's decode-layout weights (`Model.decode_params`) and returns NumPy
+results with decoded texts. The jitted cores (`encode_source`, then `greedy_full`,
+`greedy_static`, `free_decode`, `calm.calm_decode` on its output) are public too, for callers who
+compose them inside their own `jit`; their `threshold` is a traced argument, so a new threshold
+never recompiles.
 """
 
 from __future__ import annotations
@@ -251,7 +254,8 @@ def free_decode(
       encoder_output, encoder_mask: [B, S, D] and int32[B, S], from `encode_source`.
       threshold: a token exits when its confidence is strictly greater.
       exit_layer: L_s, the shallow model's depth, in [1, L - 1].
-      buffer_capacity: K, exited tokens a row may queue before a deep pass is forced.
+      buffer_capacity: K, exited tokens a row may queue before a deep pass is forced; K >=
+        max_new_tokens means no bound.
       mode: "default", "exact" or "rollback" (see `free_jax.spd`).
       confidence: "softmax_diff", "softmax_max", "state_cosine" or "meta" (needs
         `params["exit_classifier"]`).

@@ -22,7 +22,11 @@ buffer of capacity K, leaving the deep KV cache behind. When any row does not ex
 serves every such row: the deep blocks run once over `[pending..., current]`, which writes the deep
 KV for all of them (exactly what the full model computes, since the pending tokens ran the real
 shallow blocks) and clears the buffer. Its cost follows the longest queue, not K: the pass is one of
-a few static query-block sizes chosen at run time. A full buffer forces a deep pass.
+a few static query-block sizes chosen at run time. A full buffer forces a deep pass; a capacity
+of T (`free_jax.decode`'s default) never fills, as the paper's unbounded buffer.
+
+Shallow steps run in a tight inner loop (decide, then act with masked updates), which stops at
+the step that needs a deep pass; that pass is the loop's only conditional.
 
 Modes (what the deep pass does with the pending tokens' deep predictions):
 
