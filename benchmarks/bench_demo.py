@@ -38,6 +38,8 @@ METHODS = {
     "calm thr=0.2": dict(method="calm", exit_layer=1, threshold=0.2),
     "calm thr=0.9": dict(method="calm", exit_layer=1, threshold=0.9),
     "free thr=0.2": dict(method="free", threshold=0.2),
+    # Every token exits, so no deep pass runs: FREE's own cost per step over static exiting.
+    "free thr=0 (no deep)": dict(method="free", threshold=0.0),
     "free thr=0.5": dict(method="free", threshold=0.5),
     "free exact thr=0.2": dict(method="free", threshold=0.2, mode="exact"),
 }

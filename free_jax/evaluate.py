@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
@@ -303,23 +302,31 @@ class Report:
         if best.get("free"):
             s = best["free"]["speedup"]
             for family in ("static", "calm"):
-                members = [r for r in points if r.family == family]
+                members = [
+                    (r.speedup, r.quality[self.metric], r.spec.name)
+                    for r in points
+                    if r.family == family
+                ]
                 if not members:
                     continue
-                curve = sorted((r.speedup, r.quality[self.metric]) for r in members)
-                q = _interpolate(curve, s)
-                # Where the family's measured points do not reach FREE's speed-up, its point
-                # nearest to it says how far they are.
-                near = min(members, key=lambda r: abs(math.log(r.speedup / s)))
+                # A user who needs FREE's speed picks the family's best setting that is at least
+                # as fast; its curve need not be monotone (static exit at a trained exit layer
+                # beats deeper untrained ones), so no interpolation between settings.
+                top = _best_at_least_as_fast(members, s)
+                fastest = max(members)
                 at_free[family] = {
                     "speedup": s,
-                    "quality": q,
-                    "relative_quality": q / full_q if q is not None and full_q else None,
-                    "nearest": {
-                        "label": near.spec.name,
-                        "speedup": near.speedup,
-                        "quality": near.quality[self.metric],
-                    },
+                    "best_at_least_as_fast": (
+                        None
+                        if top is None
+                        else {
+                            "label": top[2],
+                            "speedup": top[0],
+                            "quality": top[1],
+                            "relative_quality": top[1] / full_q if full_q else None,
+                        }
+                    ),
+                    "fastest": {"label": fastest[2], "speedup": fastest[0], "quality": fastest[1]},
                 }
         exact = [r for r in self.methods if r.family == "free" and r.spec.mode == "exact"]
         baseline_best = max((b[self.metric] for b in self.baselines.values()), default=None)
@@ -358,12 +365,13 @@ class Report:
         }
 
 
-def _interpolate(curve: Sequence[tuple[float, float]], x: float) -> float | None:
-    """y at x on a piecewise-linear curve of (x, y) points sorted by x; None outside it."""
-    if not curve or not curve[0][0] <= x <= curve[-1][0]:
-        return None
-    xs, ys = zip(*curve, strict=True)
-    return float(np.interp(x, xs, ys))
+def _best_at_least_as_fast(
+    points: Sequence[tuple[float, float, str]], speedup: float
+) -> tuple[float, float, str] | None:
+    """The (speedup, quality, label) point of highest quality among those with a speed-up of at
+    least `speedup`; None when none is that fast."""
+    fast = [p for p in points if p[0] >= speedup]
+    return max(fast, key=lambda p: (p[1], p[0])) if fast else None
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -792,15 +800,15 @@ def format_table(report: Report) -> str:
                 f"{best['quality']:.2f} = {_percent(best['relative_quality'])} of full)"
             )
     for family, at in s["quality_at_free_speedup"].items():
-        q = at["quality"]
-        near = at["nearest"]
+        top, fastest = at["best_at_least_as_fast"], at["fastest"]
         where = (
-            f"outside its measured speed-ups; nearest: {near['label']} at "
-            f"{near['speedup']:.2f}x, {metric} {near['quality']:.2f}"
-            if q is None
-            else f"{metric} {q:.2f} ({_percent(at['relative_quality'])} of full)"
+            f"none of its points is as fast; fastest: {fastest['label']} at "
+            f"{fastest['speedup']:.2f}x, {metric} {fastest['quality']:.2f}"
+            if top is None
+            else f"{top['label']} at {top['speedup']:.2f}x, {metric} {top['quality']:.2f} "
+            f"({_percent(top['relative_quality'])} of full)"
         )
-        lines.append(f"  at FREE's {at['speedup']:.2f}x, {family}: {where}")
+        lines.append(f"  at FREE's {at['speedup']:.2f}x or faster, {family}: {where}")
     if s["exact_mode_equals_full"] is not None:
         lines.append(
             "FREE exact mode output == full model output: "

@@ -231,10 +231,14 @@ def test_batched_evaluation_keeps_the_rows(runs, report):
     assert batched.full.deep_passes_per_token < 1.0  # a pass serves several rows
 
 
-def test_interpolation_and_summary_helpers():
-    curve = [(1.0, 10.0), (2.0, 8.0), (4.0, 4.0)]
-    assert evaluate._interpolate(curve, 3.0) == pytest.approx(6.0)
-    assert evaluate._interpolate(curve, 5.0) is None
+def test_best_point_at_least_as_fast():
+    # Not monotone, as static exit is on the demo model: the fastest setting is also the best.
+    points = [(1.8, 79.1, "Ls=4"), (2.9, 81.0, "Ls=2"), (3.6, 83.9, "Ls=1"), (3.0, 70.0, "x")]
+    assert evaluate._best_at_least_as_fast(points, 2.7) == (3.6, 83.9, "Ls=1")
+    assert evaluate._best_at_least_as_fast(points, 1.0) == (3.6, 83.9, "Ls=1")
+    assert evaluate._best_at_least_as_fast(points[:2], 2.0) == (2.9, 81.0, "Ls=2")
+    assert evaluate._best_at_least_as_fast(points[:2], 2.9) == (2.9, 81.0, "Ls=2")  # inclusive
+    assert evaluate._best_at_least_as_fast(points, 3.7) is None
 
 
 # ---------------------------------------------------------------------------- method specs
