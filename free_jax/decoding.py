@@ -126,7 +126,17 @@ def encode_source(
     )
 
 
-def _greedy(params, encoder_output, encoder_mask, *, config, stop, max_new_tokens, min_new_tokens):
+def _greedy(
+    params,
+    encoder_output,
+    encoder_mask,
+    *,
+    config,
+    stop,
+    max_new_tokens,
+    min_new_tokens,
+    keep_cache,
+):
     """Greedy decoding through decoder blocks [0, stop) and the exit head."""
     B = encoder_output.shape[0]
     params, cache = modeling.start_decoding(
@@ -138,7 +148,7 @@ def _greedy(params, encoder_output, encoder_mask, *, config, stop, max_new_token
         out = modeling.decoder_blocks(params, config, cache, x, start=0, stop=stop)
         return modeling.exit_head(params, config, out.hidden[:, 0]), out.cache
 
-    return greedy_search(
+    result = greedy_search(
         step,
         cache,
         batch_size=B,
@@ -148,9 +158,12 @@ def _greedy(params, encoder_output, encoder_mask, *, config, stop, max_new_token
         pad_id=config.pad_token_id,
         min_new_tokens=min_new_tokens,
     )
+    return result if keep_cache else result.replace(cache=None)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "min_new_tokens"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "max_new_tokens", "min_new_tokens", "keep_cache")
+)
 def greedy_full(
     params: modeling.Params,
     encoder_output: jax.Array,
@@ -159,6 +172,7 @@ def greedy_full(
     config: T5Config,
     max_new_tokens: int,
     min_new_tokens: int = 0,
+    keep_cache: bool = False,
 ):
     """Full-model greedy decoding, jitted. Returns a `search.GreedyResult`.
 
@@ -166,6 +180,9 @@ def greedy_full(
       params: the parameters, in either layout (`Model.decode_params` saves a rearrangement).
       encoder_output: [B, S, D] from `encode_source`.
       encoder_mask: int32[B, S], 1 for real source positions.
+      keep_cache: return the final decoder cache in `GreedyResult.cache` (else None: at batch 1
+        every returned array is a buffer the call allocates and hands back, which shows in the
+        per-call cost).
     """
     return _greedy(
         params,
@@ -175,14 +192,24 @@ def greedy_full(
         stop=config.num_decoder_layers,
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
+        keep_cache=keep_cache,
     )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "exit_layer", "max_new_tokens", "min_new_tokens")
+    jax.jit,
+    static_argnames=("config", "exit_layer", "max_new_tokens", "min_new_tokens", "keep_cache"),
 )
 def greedy_static(
-    params, encoder_output, encoder_mask, *, config, exit_layer, max_new_tokens, min_new_tokens=0
+    params,
+    encoder_output,
+    encoder_mask,
+    *,
+    config,
+    exit_layer,
+    max_new_tokens,
+    min_new_tokens=0,
+    keep_cache=False,
 ):
     """Greedy decoding where every token exits after block `exit_layer` (static exiting); the
     arguments are `greedy_full`'s."""
@@ -194,6 +221,7 @@ def greedy_static(
         stop=exit_layer,
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
+        keep_cache=keep_cache,
     )
 
 
@@ -227,6 +255,7 @@ def oracle_exit_layers(params, input_ids, attention_mask, tokens, *, config):
         "rollback_margin",
         "max_wait",
         "wait_mode",
+        "keep_cache",
     ),
 )
 def free_decode(
@@ -246,6 +275,7 @@ def free_decode(
     rollback_margin: float = 0.1,
     max_wait: int = 0,
     wait_mode: str = "hold",
+    keep_cache: bool = False,
 ) -> spd.SpdResult:
     """FREE decoding, jitted; `threshold` is traced (a float32 scalar), so it never recompiles.
 
@@ -261,6 +291,7 @@ def free_decode(
         `params["exit_classifier"]`).
       record_agreement: record the shallow/deep agreement of pending tokens too (costs the deep
         exit head on every position of a deep pass; exact mode has it anyway).
+      keep_cache: return the final decoder cache in `SpdResult.cache` (else None).
     """
     B = encoder_output.shape[0]
     L, Ls = config.num_decoder_layers, exit_layer
@@ -301,7 +332,7 @@ def free_decode(
         )
         return out.hidden, out.cache
 
-    return spd.spd_search(
+    result = spd.spd_search(
         shallow_fn,
         deep_fn,
         lambda hidden: modeling.exit_head(params, config, hidden),
@@ -324,6 +355,7 @@ def free_decode(
         wait_mode=wait_mode,
         prepare_fn=prepare_fn,
     )
+    return result if keep_cache else result.replace(cache=None)
 
 
 def prepare_inputs(

@@ -42,7 +42,9 @@ class GreedyState:
 
 @flax.struct.dataclass
 class GreedyResult:
-    """Output of `greedy_search`: `tokens` int32[B, T], `lengths` int32[B], `steps` int32[]."""
+    """Output of `greedy_search`: `tokens` int32[B, T], `lengths` int32[B], `steps` int32[], and
+    the step function's final `cache` (None where a caller dropped it, as the jitted decoding
+    cores do unless asked to keep it)."""
 
     tokens: Array
     lengths: Array

@@ -144,7 +144,8 @@ class SpdState:
 
 @flax.struct.dataclass
 class SpdResult:
-    """Output of `spd_search` (see `SpdState` for the fields)."""
+    """Output of `spd_search` (see `SpdState` for the fields; `cache` is None where a caller
+    dropped it, as `free_jax.decoding.free_decode` does unless asked to keep it)."""
 
     tokens: Array
     lengths: Array

@@ -12,6 +12,7 @@ import pytest
 import free_jax
 from free_jax import modeling, testing
 from free_jax.errors import InputError
+from free_jax.kv_cache import DecoderCache
 from free_jax.search import greedy_search
 
 
@@ -413,3 +414,33 @@ def test_encoder_length_pads_without_changing_the_output_or_recompiling(model):
     assert decoding.greedy_full._cache_size() == compiled + 2  # the two default lengths only
     with pytest.raises(InputError, match=r"encoder_length=16 is shorter than the source \(32 "):
         free_jax.decode(model, long, max_new_tokens=5, encoder_length=16)
+
+
+def test_the_decoding_cores_return_the_cache_only_when_asked(model):
+    """`keep_cache=False` (the default, what `decode` uses) drops the final cache from the jitted
+    cores' outputs and changes nothing else; with `keep_cache=True` the full model's cache holds
+    every emitted position of every block."""
+    from free_jax import decoding
+
+    ids, mask = _ragged_batch(seed=8, width=16)
+    config = model.config
+    encoded = decoding.encode_source(model.params, ids, mask, config=config, length=16)
+    kw = dict(config=config, max_new_tokens=6)
+    cores = {
+        "full": lambda **k: decoding.greedy_full(model.params, *encoded, **kw, **k),
+        "static": lambda **k: decoding.greedy_static(
+            model.params, *encoded, exit_layer=1, **kw, **k
+        ),
+        "free": lambda **k: decoding.free_decode(
+            model.params, *encoded, np.float32(0.5), exit_layer=1, **kw, **k
+        ),
+    }
+    for name, core in cores.items():
+        dropped, kept = core(), core(keep_cache=True)
+        assert dropped.cache is None, name
+        assert isinstance(kept.cache, DecoderCache), name
+        np.testing.assert_array_equal(np.asarray(dropped.tokens), np.asarray(kept.tokens))
+    full = cores["full"](keep_cache=True)
+    for layer in full.cache.layers:
+        # Every row steps until the whole batch is done, writing one position per step.
+        np.testing.assert_array_equal(np.asarray(layer.length), [int(full.steps)] * len(ids))

@@ -102,6 +102,7 @@ def test_deep_cache_equals_the_full_models_for_the_emitted_prefix(model, batch):
         exit_layer=LS,
         max_new_tokens=T,
         buffer_capacity=4,
+        keep_cache=True,
     )
     tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
     # Reference: the full model over [start, emitted tokens...] in one teacher-forced block.
@@ -402,7 +403,7 @@ def test_the_deep_cross_attention_is_computed_at_the_first_deep_pass_only(model,
     ids, mask = batch
     config = model.config
     encoded = decoding.encode_source(model.params, ids, mask, config=config, length=16)
-    kw = dict(config=config, exit_layer=LS, max_new_tokens=T, buffer_capacity=T)
+    kw = dict(config=config, exit_layer=LS, max_new_tokens=T, buffer_capacity=T, keep_cache=True)
     lazy = decoding.free_decode(model.params, *encoded, jnp.float32(0.0), **kw)
     assert int(lazy.num_deep_passes) == 0
     expected = np.arange(config.num_decoder_layers) < LS
