@@ -828,8 +828,9 @@ def format_table(report: Report) -> str:
 
 
 def _percent(fraction: float | None) -> str:
-    """A share as "99.5%", or "n/a" where it is undefined (a full model that scores 0)."""
-    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
+    """A share as "99.47%", or "n/a" where it is undefined (a full model that scores 0). Two
+    decimals, so that a point just under the 99% bar does not print as "99.0%"."""
+    return "n/a" if fraction is None else f"{100 * fraction:.2f}%"
 
 
 _COLOURS = {"full": "black", "static": "tab:blue", "calm": "tab:orange", "free": "tab:green"}
