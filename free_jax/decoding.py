@@ -719,21 +719,16 @@ def _to_output(
     # One transfer for everything the method reports: each separate fetch synchronises on its
     # own, which at batch 1 on a CPU cost as much as several decoding steps.
     wanted = {"tokens": result.tokens, "lengths": result.lengths, "steps": result.steps}
+    if method in ("free", "calm"):
+        wanted |= {
+            "confidence": result.confidence,
+            "passes": result.num_deep_passes,
+            "pass_tokens": result.pass_tokens,
+        }
     if method == "free":
-        wanted |= {
-            "exited": result.exited,
-            "confidence": result.confidence,
-            "agree": result.agree,
-            "passes": result.num_deep_passes,
-            "pass_tokens": result.pass_tokens,
-        }
+        wanted |= {"exited": result.exited, "agree": result.agree}
     elif method == "calm":
-        wanted |= {
-            "layer": result.exit_layer,
-            "confidence": result.confidence,
-            "passes": result.num_deep_passes,
-            "pass_tokens": result.pass_tokens,
-        }
+        wanted["layer"] = result.exit_layer
     elif method == "oracle":
         wanted["layer"] = oracle_layers
     got = jax.device_get(wanted)
