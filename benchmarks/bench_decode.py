@@ -28,7 +28,7 @@ import numpy as np
 
 import free_jax
 from free_jax import decoding, testing
-from free_jax.config import T5Config
+from free_jax.models.config import T5Config
 
 T5_SMALL = T5Config(
     vocab_size=32128,

@@ -30,7 +30,8 @@ import time
 import numpy as np
 
 import free_jax
-from free_jax import data, demo_data, metrics
+from free_jax import data
+from free_jax.data import demo, metrics
 
 METHODS = {
     "full": dict(method="full"),
@@ -53,14 +54,14 @@ def main() -> None:
     parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args()
 
-    model = free_jax.load(demo_data.MODEL_DIR)
-    examples = data.load_examples(demo_data.TASK_NAME, model.tokenizer, split=args.split)
+    model = free_jax.load(demo.MODEL_DIR)
+    examples = data.load_examples(demo.TASK_NAME, model.tokenizer, split=args.split)
     # Evenly spaced over the split (it is ordered by paper), as free-jax demo samples it.
     rows = np.linspace(0, len(examples) - 1, args.sentences).round().astype(int)
     examples = examples.select(rows)
     sources = [examples.source_ids(i)[None] for i in range(len(examples))]
     references = list(examples.references)
-    length = data.get_task(demo_data.TASK_NAME).max_source_length
+    length = data.get_task(demo.TASK_NAME).max_source_length
 
     def decode(ids, kwargs):
         return free_jax.decode(model, ids, max_new_tokens=64, encoder_length=length, **kwargs)

@@ -36,8 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import free_jax
-from free_jax import decoding, modeling, spd, testing
-from free_jax.config import T5Config
+from free_jax import decoding, testing
+from free_jax.decoding import spd
+from free_jax.models import t5
+from free_jax.models.config import T5Config
 
 T5_BASE = T5Config(
     vocab_size=32128,
@@ -70,16 +72,16 @@ def deep_pass_ms(params, config, ids, mask, exit_layer, T, sizes, repeats=15) ->
     """Median time of one deep pass (blocks [L_s, L) + the head at one position per row), per
     query-block size, measured alone from a prepared cache and decode-layout weights."""
     B = ids.shape[0]
-    fused = jax.jit(modeling.fuse_for_decoding)(params)
-    enc = modeling.encode(params, config, jnp.asarray(ids), jnp.asarray(mask))
-    cache = modeling.init_decoder_cache(params, config, enc, jnp.asarray(mask), T)
+    fused = jax.jit(t5.fuse_for_decoding)(params)
+    enc = t5.encode(params, config, jnp.asarray(ids), jnp.asarray(mask))
+    cache = t5.init_decoder_cache(params, config, enc, jnp.asarray(mask), T)
 
     @jax.jit
     def one_pass(fused, cache, queries):
-        out = modeling.decoder_blocks(
+        out = t5.decoder_blocks(
             fused, config, cache, queries, start=exit_layer, stop=config.num_decoder_layers
         )
-        return modeling.exit_head(fused, config, out.hidden[:, -1]), out.cache
+        return t5.exit_head(fused, config, out.hidden[:, -1]), out.cache
 
     costs = {}
     for q in sizes:

@@ -65,7 +65,7 @@ ATTENTION_TYPES = ("local", "transient-global")
 
 
 def _config(shape: dict, attention: str):
-    from free_jax.config import T5Config
+    from free_jax.models.config import T5Config
 
     return T5Config(
         **shape,
@@ -114,14 +114,14 @@ def worker_jax(shape: dict, attention: str, batch: int, length: int, repeats: in
 
     import jax
 
-    from free_jax import modeling
+    from free_jax.models import t5
 
     config = _config(shape, attention)
-    params = modeling.init_params(config, jax.random.key(0))
+    params = t5.init_params(config, jax.random.key(0))
     params = {"shared": params["shared"], "encoder": params["encoder"]}
     ids, mask = _inputs(config.vocab_size, batch, length)
     ids, mask = jax.device_put(ids), jax.device_put(mask)
-    encode = jax.jit(functools.partial(modeling.encode, config=config))
+    encode = jax.jit(functools.partial(t5.encode, config=config))
     start = time.perf_counter()
     compiled = encode.lower(params, input_ids=ids, attention_mask=mask).compile()
     compile_s = time.perf_counter() - start
@@ -179,16 +179,16 @@ def xla_memory_only(shape: dict, attentions, batch: int, lengths) -> None:
 
     import jax
 
-    from free_jax import modeling
+    from free_jax.models import t5
 
     print("| attention | tokens | XLA temp MB | x | weights MB |")
     print("|---|---|---|---|---|")
     for attention in (*attentions, "full"):
         config = _config(shape, attention)
-        params = modeling.param_shapes(config)
+        params = t5.param_shapes(config)
         params = {"shared": params["shared"], "encoder": params["encoder"]}
         weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 2**20
-        encode = jax.jit(functools.partial(modeling.encode, config=config))
+        encode = jax.jit(functools.partial(t5.encode, config=config))
         previous = None
         for length in lengths:
             ids = jax.ShapeDtypeStruct((batch, length), "int32")

@@ -4,7 +4,7 @@ Command (from the repository root):
 
     free-jax train --config configs/demo.py
 
-The task is `acl_punct` (`free_jax.demo_data`): unpunctuated sentences of ACL papers (the
+The task is `acl_punct` (`free_jax.data.demo`): unpunctuated sentences of ACL papers (the
 `aclsum` package's text) back to the original. The model is a T5 v1.1-style
 encoder-decoder (gated GELU, relative attention) with a 2048-piece SentencePiece vocabulary, tied
 embeddings, a 4-block encoder and an 8-block decoder whose shallow exit is block 1. It trains
@@ -16,7 +16,8 @@ it). Cost and quality: see `free_jax/assets/demo/model/TRAINING.md`, written fro
 run's `metrics.jsonl`.
 """
 
-from free_jax import T5Config, demo_data
+from free_jax import T5Config
+from free_jax.data import demo
 from free_jax.training.config import (
     CheckpointConfig,
     DataConfig,
@@ -29,7 +30,7 @@ from free_jax.training.config import (
 )
 
 ARCH = T5Config(
-    vocab_size=demo_data.VOCAB_SIZE,
+    vocab_size=demo.VOCAB_SIZE,
     d_model=128,
     d_kv=32,
     d_ff=512,
@@ -49,9 +50,9 @@ ARCH = T5Config(
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        model=ModelSpec(arch=ARCH, tokenizer=str(demo_data.ASSETS / "tokenizer")),
+        model=ModelSpec(arch=ARCH, tokenizer=str(demo.ASSETS / "tokenizer")),
         data=DataConfig(
-            task=demo_data.TASK_NAME,
+            task=demo.TASK_NAME,
             source_length=64,
             target_length=64,
             batch_size=32,

@@ -16,12 +16,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from free_jax import errors
-from free_jax.checkpoint import export_hf, load, save
-from free_jax.config import T5Config
+from free_jax import _moved, errors
+from free_jax.checkpoints import export_hf, load, save
 from free_jax.decoding import METHODS, DecodeOutput, decode
 from free_jax.errors import CheckpointError, ConfigError, InputError
-from free_jax.model import Model, forward
+from free_jax.models.config import T5Config
+from free_jax.models.model import Model, forward
 
 __version__ = "0.1.0"
 
@@ -58,9 +58,14 @@ __all__ = [
 ]
 
 
+_moved.install()
+
+
 def __getattr__(name: str) -> Any:
     if name in _THRESHOLD_NAMES:
         return getattr(importlib.import_module("free_jax.threshold"), name)
+    if f"free_jax.{name}" in _moved.MOVED:  # `from free_jax import modeling`, say
+        return _moved.resolve(f"free_jax.{name}")
     raise AttributeError(f"module 'free_jax' has no attribute {name!r}")
 
 

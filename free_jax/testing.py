@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from free_jax import exit_classifier
-from free_jax.config import T5Config
-from free_jax.model import Model
+from free_jax.models import exit_classifier
+from free_jax.models.config import T5Config
+from free_jax.models.model import Model
 
 VARIANTS = ("v1.0", "v1.1", "mt5")
 TINY_VOCAB = 128

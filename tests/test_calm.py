@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 import free_jax
-from free_jax import calm, exit_classifier, modeling, testing
+from free_jax import testing
+from free_jax.decoding import calm_search
 from free_jax.errors import InputError
-from free_jax.kv_cache import write_positions
+from free_jax.models import exit_classifier, t5
+from free_jax.models.kv_cache import write_positions
 
 T = 10  # new tokens per row
 L = 4  # decoder blocks of the tiny model
@@ -37,11 +39,11 @@ def _calm(model, batch, threshold, **kw):
 
 def test_decay_formula_uses_the_position():
     lam = jnp.float32(0.6)
-    first = calm.decayed_threshold(lam, jnp.int32(0), 20, 4.0)
-    last = calm.decayed_threshold(lam, jnp.int32(20), 20, 4.0)
+    first = calm_search.decayed_threshold(lam, jnp.int32(0), 20, 4.0)
+    last = calm_search.decayed_threshold(lam, jnp.int32(20), 20, 4.0)
     np.testing.assert_allclose(first, 0.9 * 0.6 + 0.1, rtol=1e-6)
     np.testing.assert_allclose(last, 0.9 * 0.6 + 0.1 * np.exp(-4.0), rtol=1e-6)
-    np.testing.assert_allclose(calm.decayed_threshold(lam, jnp.int32(7), 20, None), 0.6)
+    np.testing.assert_allclose(calm_search.decayed_threshold(lam, jnp.int32(7), 20, None), 0.6)
 
 
 def test_never_exiting_equals_full_and_always_exiting_equals_static(model, batch):
@@ -65,14 +67,14 @@ def _reference_calm_row(model, ids, mask, threshold, min_layer, tau):
     """CALM for one row, one block at a time in Python, with state copying written out."""
     config, params = model.config, model.params
     eps = config.layer_norm_epsilon
-    run_block = jax.jit(modeling.decoder_blocks, static_argnames=("config", "start", "stop"))
-    exit_head = jax.jit(modeling.exit_head, static_argnames=("config",))
-    enc = modeling.encode(params, config, ids, mask)
-    cache = modeling.init_decoder_cache(params, config, enc, mask, T)
+    run_block = jax.jit(t5.decoder_blocks, static_argnames=("config", "start", "stop"))
+    exit_head = jax.jit(t5.exit_head, static_argnames=("config",))
+    enc = t5.encode(params, config, ids, mask)
+    cache = t5.init_decoder_cache(params, config, enc, mask, T)
     token, tokens, layers, scores = config.decoder_start_token_id, [], [], []
     for t in range(T):
         lam = 0.9 * threshold + 0.1 * np.exp(-tau * t / T)
-        x = modeling.embed(params, jnp.array([[token]]))
+        x = t5.embed(params, jnp.array([[token]]))
         exit_at, logits = L, None
         for i in range(L):
             out = run_block(params, config, cache, x, start=i, stop=i + 1)
@@ -93,7 +95,7 @@ def _reference_calm_row(model, ids, mask, threshold, min_layer, tau):
         new_layers = list(cache.layers)
         for j in range(exit_at, L):
             block = params["decoder"]["blocks"][j]
-            h = modeling.rms_norm(x, block["self_attn_norm"], eps)
+            h = t5.rms_norm(x, block["self_attn_norm"], eps)
             H, Dh = config.num_heads, config.d_kv
             k = (h @ block["self_attn"]["k"]).reshape(1, 1, H, Dh)
             v = (h @ block["self_attn"]["v"]).reshape(1, 1, H, Dh)
@@ -136,15 +138,15 @@ def test_batch_equals_rows_decoded_alone(model, batch):
 
 def test_state_copying_writes_the_projections_of_the_copied_state(model):
     config, params = model.config, model.params
-    enc = modeling.encode(params, config, testing.random_ids((2, 5)), jnp.ones((2, 5), jnp.int32))
-    cache = modeling.init_decoder_cache(params, config, enc, jnp.ones((2, 5), jnp.int32), 6)
+    enc = t5.encode(params, config, testing.random_ids((2, 5)), jnp.ones((2, 5), jnp.int32))
+    cache = t5.init_decoder_cache(params, config, enc, jnp.ones((2, 5), jnp.int32), 6)
     hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 1, config.d_model)), jnp.float32)
-    for layout in (params, modeling.fuse_for_decoding(params)):
-        out = modeling.copy_state_kv(layout, config, cache, hidden, start=1, stop=L)
+    for layout in (params, t5.fuse_for_decoding(params)):
+        out = t5.copy_state_kv(layout, config, cache, hidden, start=1, stop=L)
         assert out.lengths().tolist() == [[0, 0], [1, 1], [1, 1], [1, 1]]
         for j in range(1, L):
             block = params["decoder"]["blocks"][j]
-            h = modeling.rms_norm(hidden, block["self_attn_norm"], config.layer_norm_epsilon)
+            h = t5.rms_norm(hidden, block["self_attn_norm"], config.layer_norm_epsilon)
             k = (h @ block["self_attn"]["k"]).reshape(2, config.num_heads, config.d_kv)
             np.testing.assert_allclose(out.layers[j].k[:, 0], k, atol=1e-5)
 
@@ -168,7 +170,7 @@ def test_meta_confidence_uses_the_exit_classifier(model, batch):
         assert ((conf > 0) & (conf < 1)).all() and conf.std() > 0
     # CALM's first token: its confidence is the head's probability at the block it exited
     # after, or after block L - 1, the last one measured, when it ran every block.
-    states = modeling.forward(
+    states = t5.forward(
         meta_model.params,
         meta_model.config,
         ids[:1],
@@ -185,10 +187,10 @@ def test_meta_confidence_uses_the_exit_classifier(model, batch):
 
 def test_changing_the_threshold_does_not_recompile(model, batch):
     _calm(model, batch, 0.5)
-    before = calm.calm_decode._cache_size()
+    before = calm_search.calm_decode._cache_size()
     for threshold in (0.1, 0.7, np.float32(0.3), jnp.float32(0.9)):
         _calm(model, batch, threshold)
-    assert calm.calm_decode._cache_size() == before
+    assert calm_search.calm_decode._cache_size() == before
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Checkpoint I/O: every Hugging Face format `load` reads, our orbax format, export, bad input.
 
 Checkpoints are tiny random models written once per module. Loaded parameters are compared with
-the written tensors through a name mapping spelled out here (independent of `free_jax.convert`),
+the written tensors through a name mapping spelled out here (independent of
+`free_jax.checkpoints.hf_names`),
 so a tensor loaded into the wrong place fails even where a load/convert round trip would not.
 """
 
@@ -23,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 
 import free_jax  # noqa: E402
 from free_jax import CheckpointError, ConfigError, testing  # noqa: E402
-from free_jax.checkpoint import read_metadata  # noqa: E402
+from free_jax.checkpoints import read_metadata  # noqa: E402
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. <extra_id_0> and more"
 
@@ -394,7 +395,9 @@ def test_missing_local_directory_is_not_looked_up_on_the_hub(name, tmp_path, mon
     def no_hub(*args, **kwargs):
         raise AssertionError(f"a hub lookup was made for {args}")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    for entry in ("snapshot_download", "hf_hub_download"):
+        monkeypatch.setattr(huggingface_hub, entry, no_hub)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", no_hub)
     name = str(tmp_path / "nope") if name == "ABS" else name
     with pytest.raises(CheckpointError, match=r"does not exist"):
         free_jax.load(name)

@@ -12,14 +12,32 @@ import pytest
 
 import free_jax
 from free_jax import cli, testing
+from free_jax.cli import decode as cli_decode
+from free_jax.data import demo
 
 
-def test_decode_embedded_default_prints_texts(capsys):
-    assert cli.main(["decode", "--max-new-tokens", "5"]) == 0
+def test_decode_tiny_random_model_prints_texts(capsys):
+    assert cli.main(["decode", "--model", "tiny-random", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr()
     lines = out.out.strip().splitlines()
-    assert len(lines) == len(cli.DEFAULT_TEXTS) and lines[0].startswith("[0] '")
-    assert "embedded tiny random model" in out.err
+    assert len(lines) == len(cli_decode.DEFAULT_TEXTS) and lines[0].startswith("[0] '")
+    assert "# model: tiny-random" in out.err
+
+
+def test_decode_without_a_model_restores_punctuation_with_the_demo_model(capsys):
+    text = "restore: However the deep model only runs when the shallow model is not confident"
+    assert cli.main(["decode", text]) == 0
+    out = capsys.readouterr()
+    restored = "However, the deep model only runs when the shallow model is not confident."
+    assert out.out.startswith(f"[0] {restored!r} tokens:")
+    assert demo.strip_punctuation(restored) == text.removeprefix(demo.PREFIX)
+    assert "# model: demo" in out.err
+
+
+def test_load_demo_by_name_gives_the_shipped_model():
+    model = free_jax.load("demo")
+    assert model.config.num_decoder_layers == 8 and model.tokenizer is not None
+    assert model.metadata["free"]["exit_layer"] == 1
 
 
 def test_decode_ids_json_matches_the_api(tmp_path, capsys):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from free_jax.confidence import confidence_score
+from free_jax.decoding.confidence import confidence_score
 
 
 def _softmax(logits):

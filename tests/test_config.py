@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from free_jax import testing
-from free_jax.config import T5Config
 from free_jax.errors import ConfigError
+from free_jax.models.config import T5Config
 
 # Excerpts of real config.json files (the fields that matter), as transformers 4.x saved them.
 T5_SMALL_4X = dict(

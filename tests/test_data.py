@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from free_jax import data, testing
+from free_jax.data import examples as examples_module
 from free_jax.errors import ConfigError, DataError
 
 SAMSUM = [
@@ -119,7 +120,7 @@ def test_registry_holds_the_paper_tasks():
         "multi_news",
         "big_patent",
         "iwslt2017_de_en",
-        "acl_punct",  # the embedded demo's (free_jax.demo_data; tested in test_eval.py)
+        "acl_punct",  # the embedded demo's (free_jax.data.demo; tested in test_eval.py)
     }
     for name in ("samsum", "cnn_dailymail", "multi_news", "big_patent"):
         assert tasks[name].prefix == "summarize: "
@@ -504,13 +505,13 @@ def test_eval_batches_in_order_with_references(many):
 
 def test_cache_hit_and_invalidation(tok, samsum_file, cache, monkeypatch, tmp_path):
     calls = []
-    encode = data._encode
+    encode = examples_module._encode
 
     def counting(tokenizer, texts, max_length):
         calls.append(len(texts))
         return encode(tokenizer, texts, max_length)
 
-    monkeypatch.setattr(data, "_encode", counting)
+    monkeypatch.setattr(examples_module, "_encode", counting)
 
     def load(task="samsum", tokenizer=tok, **kw):
         calls.clear()
@@ -614,7 +615,7 @@ def test_hub_offline_env_in_a_fresh_process(tmp_path):
     env = {
         "HF_DATASETS_OFFLINE": "1",
         "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(Path(data.__file__).parents[1]),
+        "PYTHONPATH": str(Path(data.__file__).parents[2]),
     }
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import free_jax
-from free_jax import modeling, testing
+from free_jax import testing
+from free_jax.decoding.search import greedy_search
 from free_jax.errors import InputError
-from free_jax.kv_cache import DecoderCache
-from free_jax.search import greedy_search
+from free_jax.models import t5
+from free_jax.models.kv_cache import DecoderCache
 
 
 @pytest.fixture(scope="module", params=["v1.0", "v1.1"])
@@ -82,24 +83,24 @@ def test_min_new_tokens_suppresses_eos_until_reached():
 def _setup(model, batch=3, T=12):
     config = model.config
     ids, mask = _ragged_batch(seed=4, batch=batch)
-    enc = modeling.encode(model.params, config, jnp.asarray(ids), jnp.asarray(mask))
-    cache = modeling.init_decoder_cache(model.params, config, enc, jnp.asarray(mask), T)
+    enc = t5.encode(model.params, config, jnp.asarray(ids), jnp.asarray(mask))
+    cache = t5.init_decoder_cache(model.params, config, enc, jnp.asarray(mask), T)
     tokens = testing.random_ids((batch, T), seed=5)
     return config, cache, tokens
 
 
-_blocks = jax.jit(modeling.decoder_blocks, static_argnames=("config", "start", "stop"))
-_forward = jax.jit(modeling.forward, static_argnames=("config", "return_block_states"))
+_blocks = jax.jit(t5.decoder_blocks, static_argnames=("config", "start", "stop"))
+_forward = jax.jit(t5.forward, static_argnames=("config", "return_block_states"))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "start", "stop"))
 def _run(params, config, cache, tokens, start, stop, num_new):
     """Embeds `tokens` [B, Q] and runs blocks [start, stop); returns (logits [B, Q, V], cache)."""
-    x = modeling.embed(params, jnp.asarray(tokens))
-    out = modeling.decoder_blocks(
+    x = t5.embed(params, jnp.asarray(tokens))
+    out = t5.decoder_blocks(
         params, config, cache, x, start=start, stop=stop, num_new=jnp.asarray(num_new, jnp.int32)
     )
-    return modeling.exit_head(params, config, out.hidden), out.cache
+    return t5.exit_head(params, config, out.hidden), out.cache
 
 
 def _single_steps(params, config, cache, tokens, counts):
@@ -161,14 +162,14 @@ def test_shallow_steps_then_deep_block_equals_full_steps(model):
     shallow_states = []
     split = cache
     for i in range(k):
-        x = modeling.embed(params, jnp.asarray(tokens[:, i : i + 1]))
+        x = t5.embed(params, jnp.asarray(tokens[:, i : i + 1]))
         out = _blocks(params, config, split, x, start=0, stop=Ls)
         split = out.cache
         shallow_states.append(out.hidden)
     hidden = jnp.concatenate(shallow_states, axis=1)  # [B, k, D]
     deep = _blocks(params, config, split, hidden, start=Ls, stop=L)
     _assert_same_cache(full, deep.cache)
-    logits = np.asarray(modeling.exit_head(params, config, deep.hidden))
+    logits = np.asarray(t5.exit_head(params, config, deep.hidden))
     np.testing.assert_allclose(logits, l_full[:, :k], atol=1e-4, rtol=0)
 
 
@@ -185,7 +186,7 @@ def test_exit_head_after_any_block_matches_forward_exit_layer(model):
         return_block_states=True,
     )
     for exit_layer in range(1, model.config.num_decoder_layers + 1):
-        expected = modeling.exit_head(model.params, model.config, out.block_states[exit_layer - 1])
+        expected = t5.exit_head(model.params, model.config, out.block_states[exit_layer - 1])
         got = free_jax.forward(model, ids, dec, attention_mask=mask, exit_layer=exit_layer)
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=1e-6)
 
@@ -367,7 +368,7 @@ def test_forward_rejects_bad_exit_layer(small):
 def test_decode_layout_computes_the_same_function(model):
     """`fuse_for_decoding` only rearranges weights: blocks and exit agree with the plain layout."""
     config, cache, tokens = _setup(model, batch=2)
-    fused = modeling.fuse_for_decoding(model.params)
+    fused = t5.fuse_for_decoding(model.params)
     assert "qkv" in fused["decoder"]["blocks"][0]["self_attn"] and "lm_head" in fused
     counts = [3, 2]
     plain_logits, plain_cache = _run(
@@ -387,9 +388,9 @@ def test_decode_params_are_made_once_and_decode_the_same(model):
     first = free_jax.decode(model, ids, max_new_tokens=6)
     fused = model.decode_params
     assert model.decode_params is fused
-    assert modeling.is_decode_layout(fused) and not modeling.is_decode_layout(model.params)
+    assert t5.is_decode_layout(fused) and not t5.is_decode_layout(model.params)
     assert (
-        modeling.fuse_for_decoding(fused)["decoder"]["blocks"][0]["self_attn"]["qkv"]
+        t5.fuse_for_decoding(fused)["decoder"]["blocks"][0]["self_attn"]["qkv"]
         is (fused["decoder"]["blocks"][0]["self_attn"]["qkv"])
     )
     model.release_decode_params()

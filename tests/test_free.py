@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import free_jax
-from free_jax import decoding, modeling, testing
+from free_jax import decoding, testing
 from free_jax.errors import InputError
+from free_jax.models import t5
 
 T = 12  # new tokens per row
 LS = 2  # shallow blocks of the 4-block tiny decoder
@@ -107,14 +108,14 @@ def test_deep_cache_equals_the_full_models_for_the_emitted_prefix(model, batch):
     tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
     # Reference: the full model over [start, emitted tokens...] in one teacher-forced block.
     config, params = model.config, model.params
-    enc = modeling.encode(params, config, jnp.asarray(ids16), jnp.asarray(mask16))
-    cache = modeling.init_decoder_cache(params, config, enc, jnp.asarray(mask16), T)
+    enc = t5.encode(params, config, jnp.asarray(ids16), jnp.asarray(mask16))
+    cache = t5.init_decoder_cache(params, config, enc, jnp.asarray(mask16), T)
     dec = np.concatenate([np.zeros((4, 1), np.int32), tokens[:, :-1]], axis=1)
-    ref = modeling.decoder_blocks(
+    ref = t5.decoder_blocks(
         params,
         config,
         cache,
-        modeling.embed(params, jnp.asarray(dec)),
+        t5.embed(params, jnp.asarray(dec)),
         start=0,
         stop=config.num_decoder_layers,
     ).cache
@@ -412,7 +413,7 @@ def test_the_deep_cross_attention_is_computed_at_the_first_deep_pass_only(model,
         assert bool(jnp.any(lazy.cache.cross_k[i] != 0)) == expected[i]
     deep = decoding.free_decode(model.params, *encoded, jnp.float32(1.0), **kw)
     assert int(deep.num_deep_passes) > 0 and bool(jnp.all(deep.cache.cross_ready))
-    full = modeling.init_decoder_cache(model.params, config, encoded[0], encoded[1], T)
+    full = t5.init_decoder_cache(model.params, config, encoded[0], encoded[1], T)
     got_kv, want_kv = deep.cache.cross_k + deep.cache.cross_v, full.cross_k + full.cross_v
     for got, want in zip(got_kv, want_kv, strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 import free_jax
-from free_jax import longt5, modeling, testing
-from free_jax.config import T5Config
+from free_jax import testing
 from free_jax.errors import ConfigError
+from free_jax.models import longt5, t5
+from free_jax.models.config import T5Config
 
 ATOL = 1e-4  # float32 parity bound required of every compared tensor
 T = 10  # new tokens per row when decoding
@@ -135,7 +136,7 @@ def _max_diff(ours, theirs, where=None) -> float:
 
 
 def _encode(config, params, ids, mask):
-    encode = jax.jit(functools.partial(modeling.encode, config=config))
+    encode = jax.jit(functools.partial(t5.encode, config=config))
     return np.asarray(encode(params, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
 
 
@@ -151,9 +152,7 @@ def test_encoder_blocks_and_logits_match(pair):
     assert LONG > 4 * longt5.QUERY_CHUNK
     ids, mask, dec = _batch(width=LONG)
     theirs = _reference(ref, ids, mask, dec)
-    forward = jax.jit(
-        functools.partial(modeling.forward, config=model.config, return_block_states=True)
-    )
+    forward = jax.jit(functools.partial(t5.forward, config=model.config, return_block_states=True))
     ours = forward(
         model.params,
         input_ids=jnp.asarray(ids),
@@ -255,7 +254,7 @@ def test_right_padding_changes_nothing_and_global_tokens_matter():
     encoding, so the transient-global parity cases do not pass by ignoring them. (In the default
     suite, the greedy parity test covers the first point: `decode` pads 37 positions to 48.)"""
     config = testing.tiny_longt5_config("transient-global", num_layers=1)
-    params = modeling.init_params(config, jax.random.key(1))
+    params = t5.init_params(config, jax.random.key(1))
     ids, mask, _ = _batch(seed=6)
     short = _encode(config, params, ids, mask)
     pad = ((0, 0), (0, 11))
@@ -298,11 +297,11 @@ def test_encoder_memory_grows_linearly(attention):
     (T5's full attention quadruples.) Compiles only; nothing runs.
     """
     config = testing.tiny_longt5_config(attention)
-    shapes = modeling.param_shapes(config)
+    shapes = t5.param_shapes(config)
 
     def temp_bytes(length):
         ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
-        encode = jax.jit(functools.partial(modeling.encode, config=config))
+        encode = jax.jit(functools.partial(t5.encode, config=config))
         compiled = encode.lower(shapes, input_ids=ids, attention_mask=ids).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from free_jax import exit_classifier, modeling, testing
+from free_jax import testing
 from free_jax.errors import ConfigError
+from free_jax.models import exit_classifier, t5
 from free_jax.training import losses
 
 B, T, D, V = 3, 5, 8, 11
@@ -289,7 +290,7 @@ def _np_exit(params, config, state):
 
 
 def _block_states(model, batch):
-    return modeling.forward(
+    return t5.forward(
         model.params,
         model.config,
         batch["input_ids"],
@@ -372,7 +373,7 @@ def test_calm_objective_weights_every_exit(tiny):
     loss, aux = jax.jit(functools.partial(losses.calm_objective, config=config))(
         params, batch=batch
     )
-    states = modeling.forward(
+    states = t5.forward(
         params,
         config,
         batch["input_ids"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from free_jax import metrics
+from free_jax.data import metrics
 from free_jax.errors import InputError
 
 

@@ -17,8 +17,8 @@ NOTEBOOKS = ("quickstart", "threshold_estimator", "fine_tuning")
 PUBLIC = {
     "free_jax",
     "free_jax.data",
-    "free_jax.demo_data",
-    "free_jax.evaluate",
+    "free_jax.data.demo",
+    "free_jax.evaluation",
     "free_jax.training",
     "free_jax.training.config",
 }

@@ -17,7 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import free_jax  # noqa: E402
-from free_jax import modeling, testing  # noqa: E402
+from free_jax import testing  # noqa: E402
+from free_jax.models import t5  # noqa: E402
 
 ATOL = 1e-4  # float32 parity bound required of every compared tensor
 
@@ -109,7 +110,7 @@ def test_encoder_blocks_and_logits_match(pair):
     case, model, ref = pair
     ids, mask, dec = _batch()
     theirs = _reference(ref, ids, mask, dec)
-    ours = modeling.forward(
+    ours = t5.forward(
         model.params,
         model.config,
         jnp.asarray(ids),
@@ -125,7 +126,7 @@ def test_encoder_blocks_and_logits_match(pair):
     # which has the final RMS norm applied.
     for i in range(L - 1):
         assert _max_diff(ours.block_states[i], theirs.decoder_hidden_states[i + 1]) <= ATOL, i
-    final = modeling.rms_norm(
+    final = t5.rms_norm(
         ours.block_states[-1],
         model.params["decoder"]["final_norm"],
         model.config.layer_norm_epsilon,

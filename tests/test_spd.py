@@ -17,7 +17,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from free_jax import spd
+from free_jax.decoding import spd
 
 V, EOS, PAD, START = 8, 1, 0, 0
 

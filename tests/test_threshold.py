@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from free_jax.cli.fit_threshold import main as cli_main
 from free_jax.errors import ConfigError, InputError
 from free_jax.threshold import (
     BetaMixture,
@@ -36,7 +37,6 @@ from free_jax.threshold import (
     plot_mixture,
     plot_trajectory,
 )
-from free_jax.threshold_cli import main as cli_main
 
 N_RECOVERY = 20_000
 
@@ -269,15 +269,15 @@ def test_mask_and_nonfinite_points_are_ignored():
 
 
 def test_sizes_in_one_bucket_share_a_compilation():
-    from free_jax.threshold import _fit_jit
+    from free_jax.threshold.beta_mixture import fit_jit
 
     rng = np.random.default_rng(5)
     conf, labels = draw(rng, 1000, 0.5, *SEPARATED)
     BetaMixture.fit_with_status(conf[:300], labels[:300])
-    before = _fit_jit._cache_size()
+    before = fit_jit._cache_size()
     for n in (301, 512, 777, 1000):
         BetaMixture.fit_with_status(conf[:n], labels[:n])
-    assert _fit_jit._cache_size() == before
+    assert fit_jit._cache_size() == before
 
 
 # -------------------------------------------------------------------------------------------------

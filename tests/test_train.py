@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 import free_jax
-from free_jax import cli, exit_classifier, testing
-from free_jax.checkpoint import read_metadata
+from free_jax import cli, testing
+from free_jax.checkpoints import read_metadata
 from free_jax.errors import ConfigError
+from free_jax.models import exit_classifier
 from free_jax.training import (
     CheckpointConfig,
     DataConfig,

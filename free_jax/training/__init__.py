@@ -26,9 +26,8 @@ in (seed, position) so that a resumed run sees what an uninterrupted one would
 
 from __future__ import annotations
 
-BATCH_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels", "loss_mask")
-
-from free_jax.training.config import (  # noqa: E402 - BATCH_KEYS first: inputs imports it
+from free_jax.data.batching import BATCH_KEYS
+from free_jax.training.config import (
     CheckpointConfig,
     DataConfig,
     DistributedConfig,
@@ -42,7 +41,7 @@ from free_jax.training.config import (  # noqa: E402 - BATCH_KEYS first: inputs 
     apply_overrides,
     load_config,
 )
-from free_jax.training.trainer import (  # noqa: E402
+from free_jax.training.trainer import (
     Trainer,
     TrainingDivergedError,
     TrainResult,

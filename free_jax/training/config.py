@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from free_jax.config import T5Config
 from free_jax.errors import ConfigError
+from free_jax.models.config import T5Config
 
 OBJECTIVES = ("free", "calm", "meta")
 KD_MODES = ("dyna", "last", "unif", "none")
@@ -35,7 +35,7 @@ def supported_model_types() -> tuple[str, ...]:
 
     LongT5 ("longt5") joins when free_jax's model supports it; its presets fail until then.
     """
-    from free_jax import config as model_config
+    from free_jax.models import config as model_config
 
     return tuple(model_config._MODEL_TYPES)
 

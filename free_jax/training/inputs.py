@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from free_jax import testing
+from free_jax.data.batching import BATCH_KEYS
 from free_jax.errors import ConfigError, InputError
-from free_jax.training import BATCH_KEYS
 from free_jax.training.config import DataConfig
 
 Batch = dict[str, np.ndarray]

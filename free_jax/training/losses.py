@@ -15,7 +15,7 @@ The objectives (`free_objective`, `calm_objective`, `meta_objective`) run the te
 model once with every decoder block's state and compose the blocks above; they return
 `(loss, aux)` with `aux` a dict of float32 scalars (plus `kd_mapping`), ready for logging.
 
-Shapes follow the legend in `free_jax.config`; L_s is the shallow exit (`exit_layer`), Lt the
+Shapes follow the legend in `free_jax.models.config`; L_s is the shallow exit (`exit_layer`), Lt the
 number of distillation teachers (= L_s). Every mean over tokens counts only tokens whose
 `loss_mask` is 1, and is 0 (not NaN) for a batch without any.
 """
@@ -28,9 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from free_jax import exit_classifier, modeling
-from free_jax.config import T5Config
 from free_jax.errors import ConfigError
+from free_jax.models import exit_classifier, t5
+from free_jax.models.config import T5Config
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -229,7 +229,7 @@ def meta_classifier_loss(
     * "none": plain cross-entropy.
 
     Args:
-      classifier: the `exit_classifier` parameters (see `free_jax.exit_classifier`).
+      classifier: the `exit_classifier` parameters (see `free_jax.models.exit_classifier`).
       normed_states: [B, T, D] shallow-exit states after the decoder's final norm.
       shallow_logits, deep_logits: [B, T, V] at the shallow and deep exits.
       loss_mask: [B, T].
@@ -281,8 +281,8 @@ def _decoder_states(
 ) -> tuple[Params, tuple[Array, ...]]:
     """Runs the teacher-forced model; returns the (cast) params and all L block states."""
     if compute_dtype is not None:
-        params = modeling.cast_params(params, compute_dtype)
-    out = modeling.forward(
+        params = t5.cast_params(params, compute_dtype)
+    out = t5.forward(
         params,
         config,
         batch["input_ids"],
@@ -331,8 +331,8 @@ def free_objective(
     L = config.num_decoder_layers
     labels, mask = batch["labels"], batch["loss_mask"]
     params, states = _decoder_states(params, config, batch, compute_dtype)
-    shallow_logits = modeling.exit_head(params, config, states[exit_layer - 1])
-    deep_logits = modeling.exit_head(params, config, states[L - 1])
+    shallow_logits = t5.exit_head(params, config, states[exit_layer - 1])
+    deep_logits = t5.exit_head(params, config, states[L - 1])
     ce, ce_shallow, ce_deep = shallowdeep_ce(
         shallow_logits, deep_logits, labels, mask, exit_layer=exit_layer, num_layers=L
     )
@@ -388,11 +388,11 @@ def calm_objective(
 
     @jax.checkpoint
     def exit_ce(p: Params, h: Array) -> Array:
-        return cross_entropy(modeling.exit_head(p, config, h), labels, mask)
+        return cross_entropy(t5.exit_head(p, config, h), labels, mask)
 
     ces = [exit_ce(params, h) for h in states]
     loss = weighted_ce(ces)
-    deep_logits = modeling.exit_head(params, config, states[-1])
+    deep_logits = t5.exit_head(params, config, states[-1])
     aux = {
         "loss": loss,
         "ce_shallow": ces[0],
@@ -426,7 +426,7 @@ def meta_objective(
     if exit_classifier.KEY not in params:
         raise ConfigError(
             f"meta_objective needs params[{exit_classifier.KEY!r}]; add one with "
-            f"free_jax.exit_classifier.init_exit_classifier."
+            f"free_jax.models.exit_classifier.init_exit_classifier."
         )
     classifier = params[exit_classifier.KEY]
     backbone = jax.lax.stop_gradient({k: v for k, v in params.items() if k != exit_classifier.KEY})
@@ -436,8 +436,8 @@ def meta_objective(
     loss, aux = meta_classifier_loss(
         classifier,
         exit_classifier.normalised_exit_state(backbone, config, shallow),
-        modeling.exit_head(backbone, config, shallow),
-        modeling.exit_head(backbone, config, states[L - 1]),
+        t5.exit_head(backbone, config, shallow),
+        t5.exit_head(backbone, config, states[L - 1]),
         batch["loss_mask"],
         balance=balance,
     )

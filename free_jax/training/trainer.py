@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from free_jax import exit_classifier
-from free_jax.config import T5Config
 from free_jax.errors import ConfigError, InputError
-from free_jax.model import Model
+from free_jax.models import exit_classifier
+from free_jax.models.config import T5Config
+from free_jax.models.model import Model
 from free_jax.training import checkpoints, inputs, losses, sharding
 from free_jax.training.config import OptimConfig, TrainConfig
 
@@ -350,9 +350,9 @@ class Trainer:
     def _build_model(self) -> Model:
         spec = self.config.model
         if spec.name is not None:
-            import free_jax
+            from free_jax.checkpoints import load
 
-            model = free_jax.load(spec.name)
+            model = load(spec.name)
             if model.dtype != jnp.float32:
                 model = model.astype(jnp.float32)  # float32 master weights
             return model
@@ -464,13 +464,13 @@ class Trainer:
         self, params: Params, eval_source: inputs.BatchSource, metric_fn: MetricFn
     ) -> dict[str, float]:
         """Greedy-decodes evaluation sources and scores them with `metric_fn(preds, refs)`."""
-        import free_jax
+        from free_jax.decoding import decode
 
         model = dataclasses.replace(self.model, params=sharding.to_host(params))
         predictions, references = [], []
         data = self.config.data
         for batch in _take(eval_source(0), self.config.eval.max_decode_batches):
-            out = free_jax.decode(
+            out = decode(
                 model,
                 np.asarray(batch["input_ids"]),
                 attention_mask=np.asarray(batch["attention_mask"]),
@@ -636,7 +636,7 @@ class Trainer:
     # ------------------------------------------------------------------ export
 
     def _export(self, model: Model) -> None:
-        import free_jax
+        from free_jax.checkpoints import export_hf, save
 
         if not self.primary:
             return
@@ -659,9 +659,9 @@ class Trainer:
                 import shutil
 
                 shutil.rmtree(final)  # a re-run of a finished run rewrites its export
-            free_jax.save(model, final, metadata=metadata)
+            save(model, final, metadata=metadata)
         if export.hf:
-            free_jax.export_hf(model, self.output_dir / "hf")
+            export_hf(model, self.output_dir / "hf")
         log.info("exported the final model to %s", self.output_dir)
 
 
