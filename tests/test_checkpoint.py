@@ -446,6 +446,17 @@ def test_config_without_weights_lists_the_files_found(hf_v11, tmp_path):
         free_jax.load(directory)
 
 
+def test_directory_with_only_tensorflow_weights_names_what_is_readable(hf_v11, tmp_path):
+    directory = copy_checkpoint(hf_v11, tmp_path / "ckpt")
+    (directory / "model.safetensors").rename(directory / "tf_model.h5")
+    with pytest.raises(CheckpointError) as info:
+        free_jax.load(directory)
+    message = str(info.value)
+    assert str(directory) in message and "tf_model.h5" in message
+    for readable in ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin"):
+        assert readable in message
+
+
 def test_non_t5_config_is_a_config_error_naming_model_type(hf_v11, tmp_path):
     directory = copy_checkpoint(hf_v11, tmp_path / "ckpt")
     write_config(directory, model_type="bert")

@@ -137,6 +137,11 @@ class WeightFormat:
     index: str
     reader: Callable[[Path], dict[str, np.ndarray]]
 
+    @property
+    def files(self) -> tuple[str, str]:
+        """The two names its weights may go by (single file, shard index)."""
+        return self.single, self.index
+
 
 # In order of preference: when a directory (or a hub repo) holds several, the first is read.
 WEIGHT_FORMATS = (
@@ -146,11 +151,6 @@ WEIGHT_FORMATS = (
     WeightFormat("flax", "flax_model.msgpack", "flax_model.msgpack.index.json", read_flax_msgpack),
     WeightFormat("pytorch", "pytorch_model.bin", "pytorch_model.bin.index.json", _read_torch_bin),
 )
-
-
-def weight_files(fmt: WeightFormat) -> tuple[str, str]:
-    """The two names a format's weights may go by (single file, shard index)."""
-    return fmt.single, fmt.index
 
 
 def read_hf_weights(path: Path) -> dict[str, np.ndarray]:
@@ -163,7 +163,7 @@ def read_hf_weights(path: Path) -> dict[str, np.ndarray]:
             return fmt.reader(path / fmt.single)
         if (path / fmt.index).is_file():
             return _read_sharded(path, fmt.index, fmt.reader)
-    expected = ", ".join(name for fmt in WEIGHT_FORMATS for name in weight_files(fmt))
+    expected = ", ".join(name for fmt in WEIGHT_FORMATS for name in fmt.files)
     raise CheckpointError(
         f"{path} has a config.json but no weights: expected one of {expected}; "
         f"found: {listing(path)}."

@@ -164,7 +164,7 @@ def _pick_weights(where: str, files: list[str], fetch) -> list[str]:
                     f"which it does not hold; it holds: {_shown(files)}."
                 )
             return [fmt.index, *shards]
-    readable = ", ".join(name for fmt in hf.WEIGHT_FORMATS for name in hf.weight_files(fmt))
+    readable = ", ".join(name for fmt in hf.WEIGHT_FORMATS for name in fmt.files)
     raise CheckpointError(
         f"{where} holds no weights free_jax reads: it holds {_shown(files)}; readable formats: "
         f"{readable}. Another revision may hold a conversion (e.g. revision='refs/pr/N' for a "
