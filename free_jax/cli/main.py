@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from free_jax.cli import decode, evaluate, fit_threshold, train
+from free_jax.cli import calibrate, decode, evaluate, fit_threshold, train
 from free_jax.cli.quiet import quiet_libraries
 from free_jax.errors import CheckpointError, ConfigError, DataError, InputError
 
@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "eval": (evaluate.add_eval_parser, evaluate.run_eval),
     "demo": (evaluate.add_demo_parser, evaluate.run_demo),
     "train": (train.add_parser, train.run),
+    "calibrate": (calibrate.add_parser, calibrate.run),
 }
 
 
