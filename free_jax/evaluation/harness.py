@@ -246,18 +246,7 @@ def evaluate(
     Returns:
       A `Report`.
     """
-    from tqdm.auto import tqdm
-
-    if model.tokenizer is None:
-        raise InputError(
-            "evaluation scores decoded text, but this model has no tokenizer; load a checkpoint "
-            "that includes its tokenizer files."
-        )
-    if not methods:
-        raise InputError("no methods to evaluate.")
-    for name, value, low in (("batch_size", batch_size, 1), ("repeats", repeats, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {value!r}.")
+    _check_evaluation(model, methods, batch_size, repeats)
     task = examples.task
     n = len(examples) if max_examples is None else min(int(max_examples), len(examples))
     if n < 1:
@@ -275,6 +264,59 @@ def evaluate(
     # A configuration both in the table and in the sweep is decoded once.
     unique = list(dict.fromkeys(specs))
     runners = [_Runner(model, s, max_new_tokens, estimator_config) for s in unique]
+    cpu_shares = _decode_all(runners, batches, repeats, progress)
+
+    references = list(examples.references[:n])
+    results = _compare_with_full(runners, [r.result(task, references) for r in runners])
+    by_spec = dict(zip(unique, results, strict=True))
+    settings: dict[str, Any] = {
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "max_new_tokens": max_new_tokens,
+        "source_lengths": sorted({b[0].shape[1] for b in batches.batches}),
+        "encoder_lengths": sorted(set(batches.encoder_lengths)),
+        "timing": "wall time of decode() per batch after a warm-up, summed; median over repeats",
+    }
+    estimators = [r.estimator for r in runners if r.estimator is not None]
+    if estimators:
+        settings["threshold_estimator"] = dataclasses.asdict(estimators[0].config)
+    sources = source_texts(examples, model.tokenizer, n)
+    baselines = {"copy_input": copy_input} if baselines is None else baselines
+    return Report(
+        task=task,
+        split=examples.split,
+        num_examples=n,
+        metric=task.metric,
+        methods=[by_spec[s] for s in methods],
+        sweep=[by_spec[s] for s in sweep],
+        baselines=_baseline_scores(task, baselines, sources, references),
+        settings=settings,
+        environment=_environment(load_start, cpu_shares),
+        model_info=_model_info(model, model_source),
+        references=references,
+    )
+
+
+def _check_evaluation(model: Model, methods: Sequence[Any], batch_size: Any, repeats: Any) -> None:
+    if model.tokenizer is None:
+        raise InputError(
+            "evaluation scores decoded text, but this model has no tokenizer; load a checkpoint "
+            "that includes its tokenizer files."
+        )
+    if not methods:
+        raise InputError("no methods to evaluate.")
+    for name, value, low in (("batch_size", batch_size, 1), ("repeats", repeats, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InputError(f"{name} must be an integer >= {low}, got {value!r}.")
+
+
+def _decode_all(
+    runners: list[_Runner], batches: _Batches, repeats: int, progress: bool
+) -> dict[str, float] | None:
+    """Compiles every runner on the first batch of each shape (untimed), then decodes every
+    batch with every runner in turn; returns the CPU shares others took meanwhile."""
+    from tqdm.auto import tqdm
+
     warm = batches.first_of_each_shape()
     for runner in tqdm(runners, desc="compiling", disable=not progress, unit="method"):
         for i in warm:
@@ -291,10 +333,11 @@ def evaluate(
     for (ids, mask, _), encoder_length in bar:
         for runner in runners:
             runner.run(ids, mask, encoder_length, repeats)
-    cpu_shares = meter.shares()
+    return meter.shares()
 
-    references = list(examples.references[:n])
-    results = [r.result(task, references) for r in runners]
+
+def _compare_with_full(runners: list[_Runner], results: list[MethodResult]) -> list:
+    """Fills each result's agreement with the full model's output and its speed-up."""
     i_full = next(i for i, r in enumerate(results) if r.family == "full")
     full, full_rows = results[i_full], runners[i_full].rows()
     for runner, result in zip(runners, results, strict=True):
@@ -302,41 +345,16 @@ def evaluate(
         result.matches_full = 100.0 * float(np.mean(same))
         result.tokens_equal_full = all(same)
         result.speedup = full.seconds / max(result.seconds, 1e-9)
-    by_spec = dict(zip(unique, results, strict=True))
-    settings: dict[str, Any] = {
-        "batch_size": batch_size,
-        "repeats": repeats,
-        "max_new_tokens": max_new_tokens,
-        "source_lengths": sorted({b[0].shape[1] for b in batches.batches}),
-        "encoder_lengths": sorted(set(batches.encoder_lengths)),
-        "timing": "wall time of decode() per batch after a warm-up, summed; median over repeats",
-    }
-    estimators = [r.estimator for r in runners if r.estimator is not None]
-    if estimators:
-        settings["threshold_estimator"] = dataclasses.asdict(estimators[0].config)
+    return results
 
-    sources = source_texts(examples, model.tokenizer, n)
-    baselines = {"copy_input": copy_input} if baselines is None else baselines
-    baseline_scores = {}
+
+def _baseline_scores(task, baselines, sources, references) -> dict[str, dict[str, float]]:
+    scores = {}
     for name, fn in baselines.items():
         predictions = [fn(s) for s in sources]
-        scores = _scores(task, predictions, references)
-        scores["exact_match"] = 100.0 * _exact_match(predictions, references)
-        baseline_scores[name] = scores
-
-    return Report(
-        task=task,
-        split=examples.split,
-        num_examples=n,
-        metric=task.metric,
-        methods=[by_spec[s] for s in methods],
-        sweep=[by_spec[s] for s in sweep],
-        baselines=baseline_scores,
-        settings=settings,
-        environment=_environment(load_start, cpu_shares),
-        model_info=_model_info(model, model_source),
-        references=references,
-    )
+        scores[name] = _scores(task, predictions, references)
+        scores[name]["exact_match"] = 100.0 * _exact_match(predictions, references)
+    return scores
 
 
 def _load_average() -> list[float] | None:
