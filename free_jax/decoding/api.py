@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from free_jax.decoding import calm_search, methods
+from free_jax.decoding import mesh as mesh_decode
 from free_jax.decoding.methods.base import DecodeCall, DecodeOptions, check_int
 from free_jax.errors import InputError
 from free_jax.models import t5
@@ -58,6 +59,11 @@ class DecodeOutput:
         "calm" the steps at which some row ran every block).
       deep_pass_tokens: int32[num_deep_passes] positions each deep pass processed, over all rows
         ("calm": rows that ran every block at that step).
+      shard_steps: int32[num_data_shards] loop iterations each data shard ran (`decode(...,
+        mesh=...)`, where every shard runs its own loop and `steps` is the largest; one entry
+        without a mesh). On a mesh, `num_deep_passes` is the sum over the shards that hold rows
+        and `deep_pass_tokens` their lists joined shard by shard (see
+        `free_jax.decoding.mesh`).
     """
 
     tokens: np.ndarray
@@ -70,6 +76,7 @@ class DecodeOutput:
     agree: np.ndarray
     num_deep_passes: int
     deep_pass_tokens: np.ndarray
+    shard_steps: np.ndarray
 
     @property
     def exit_rate(self) -> float:
@@ -209,6 +216,7 @@ def decode(
     wait_mode: str = "hold",
     calm_tau: float | None = calm_search.DEFAULT_TAU,
     encoder_length: int | None = None,
+    mesh: Any = None,
 ) -> DecodeOutput:
     """Greedy decoding with the chosen method.
 
@@ -266,6 +274,12 @@ def decode(
         tokens agree (`DecodeOutput.agree`, the threshold estimator's data); it costs the deep
         exit head on every position of a deep pass. Without it, only the tokens that went deep
         themselves are recorded.
+      mesh: a `jax.sharding.Mesh` with a `data` axis and optionally a `model` axis: the rows are
+        split over `data`, each shard running its own decode loop (it stops when its own rows
+        are done; FREE decides exits and deep passes among its own rows), and the weights over
+        `model` (tensor parallelism, `Model.shard`; pass a model already sharded to skip
+        placing it on every call). Under `jax.distributed` every process passes the same
+        global batch and gets the global output. See `free_jax.decoding.mesh`.
 
     Returns:
       A `DecodeOutput`.
@@ -284,23 +298,36 @@ def decode(
         wait_mode=wait_mode,
         calm_tau=calm_tau,
     )
+    if mesh is not None:
+        mesh = mesh_decode.check_mesh(mesh)
+        model = model.shard(mesh)  # a no-op for a model already placed on this mesh
     settings = impl.plan(model, options, max_new_tokens)
     ids, mask = prepare_inputs(model, inputs, attention_mask, truncate=truncate)
     encoder_length = _check_encoder_length(encoder_length, ids.shape[1])
-    encoded = encode_source(model.params, ids, mask, config=model.config, length=encoder_length)
-    call = DecodeCall(
-        model=model,
-        # The decoding cores take the weights in decode layout, rearranged once per model.
-        params=model.decode_params,
-        encoder_output=encoded[0],
-        encoder_mask=encoded[1],
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=int(max_new_tokens),
-        min_new_tokens=int(min_new_tokens),
-    )
-    result = impl.run(settings, call)
-    out = _to_output(model, impl, settings, result)
+    lengths = {"max_new_tokens": int(max_new_tokens), "min_new_tokens": int(min_new_tokens)}
+    if mesh is None:
+        encoded = encode_source(model.params, ids, mask, config=model.config, length=encoder_length)
+        call = DecodeCall(
+            model=model,
+            # The decoding cores take the weights in decode layout, rearranged once per model.
+            params=model.decode_params,
+            encoder_output=encoded[0],
+            encoder_mask=encoded[1],
+            input_ids=ids,
+            attention_mask=mask,
+            **lengths,
+        )
+        # One transfer for everything the method reports: each separate fetch synchronises on
+        # its own, which at batch 1 on a CPU cost as much as several decoding steps.
+        shards = [jax.device_get(impl.outputs(settings, impl.run(settings, call)))]
+        real = np.ones(ids.shape[0], bool)
+    else:
+        layout = mesh_decode.RowLayout.make(ids.shape[0], mesh_decode.data_shards(mesh))
+        source = mesh_decode.place_rows((ids, mask), layout, mesh)
+        encoded = encode_source(model.params, *source, config=model.config, length=encoder_length)
+        shards = mesh_decode.run(impl, settings, model, encoded, source, mesh=mesh, **lengths)
+        real = layout.real
+    out = _to_output(model, impl, settings, shards, real)
     impl.finish(settings, out)
     return out
 
@@ -318,14 +345,26 @@ def _check_encoder_length(encoder_length: int | None, source_length: int) -> int
     return encoder_length
 
 
-def _to_output(model: Model, impl: methods.Method, settings: Any, result: Any) -> DecodeOutput:
-    # One transfer for everything the method reports: each separate fetch synchronises on its
-    # own, which at batch 1 on a CPU cost as much as several decoding steps.
-    wanted = {"tokens": result.tokens, "lengths": result.lengths, "steps": result.steps}
-    got = jax.device_get(wanted | impl.fetch(settings, result))
-    tokens, lengths = got["tokens"], got["lengths"]
+def _to_output(
+    model: Model, impl: methods.Method, settings: Any, shards: list[dict], real: np.ndarray
+) -> DecodeOutput:
+    """Joins the shards' fetched outputs (one shard without a mesh): `real` bool[rows] marks the
+    rows (over all shards, in order) that are not padding."""
+    reports = []
+    for got in shards:
+        generated = np.arange(got["tokens"].shape[1])[None, :] < got["lengths"][:, None]
+        reports.append(impl.report(settings, got, generated, model.config))
+
+    def rows(parts: list[Any]) -> np.ndarray:
+        return np.concatenate([np.asarray(p) for p in parts])[real]
+
+    tokens = rows([got["tokens"] for got in shards])
+    lengths = rows([got["lengths"] for got in shards])
     generated = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    report = impl.report(settings, got, generated, model.config)
+    # Per-pass diagnostics of the shards that hold real rows, shard by shard.
+    holds_rows = real.reshape(len(shards), -1).any(axis=1)
+    passing = [r for r, keep in zip(reports, holds_rows, strict=True) if keep]
+    shard_steps = np.asarray([int(got["steps"]) for got in shards], np.int32)
     texts = None
     if model.tokenizer is not None:
         texts = model.tokenizer.batch_decode(
@@ -336,11 +375,14 @@ def _to_output(model: Model, impl: methods.Method, settings: Any, result: Any) -
         tokens=tokens,
         lengths=lengths,
         texts=texts,
-        steps=int(got["steps"]),
-        exited=report.exited,
-        exit_layer=np.where(generated, report.exit_layer, 0).astype(np.int32),
-        confidence=report.confidence,
-        agree=report.agree,
-        num_deep_passes=report.num_deep_passes,
-        deep_pass_tokens=np.asarray(report.deep_pass_tokens, np.int32),
+        steps=int(shard_steps.max()),
+        exited=rows([r.exited for r in reports]),
+        exit_layer=np.where(generated, rows([r.exit_layer for r in reports]), 0).astype(np.int32),
+        confidence=rows([r.confidence for r in reports]),
+        agree=rows([r.agree for r in reports]),
+        num_deep_passes=sum(int(r.num_deep_passes) for r in passing),
+        deep_pass_tokens=np.concatenate(
+            [np.asarray(r.deep_pass_tokens, np.int32).reshape(-1) for r in passing]
+        ),
+        shard_steps=shard_steps,
     )

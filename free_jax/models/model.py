@@ -48,6 +48,40 @@ class Model:
         """Drops the cached `decode_params` (the next decode makes them again)."""
         self.__dict__.pop("decode_params", None)
 
+    def shard(self, mesh: Any) -> Model:
+        """The model with its parameters (and `decode_params`) placed on a decoding mesh.
+
+        `mesh` is a `jax.sharding.Mesh` with a `data` axis, over which the parameters are
+        replicated, and optionally a `model` axis, over which they are split for tensor
+        parallelism (`free_jax.models.partition`: heads, `d_ff` and the vocabulary; GSPMD adds
+        the reductions), so that each device holds about 1/N of the weights. Parameters in any
+        other layout (e.g. FSDP-sharded by training) are re-laid-out here, once, and the
+        decode-layout weights are made directly in their sharded layout; call it once and decode
+        many batches with the result. A model already placed so is returned as it is (its cached
+        `decode_params` kept).
+
+        Raises:
+          InputError: `mesh` has no `data` axis or other axes, or its `model` axis does not
+            divide `num_heads`, `d_ff` or `vocab_size`.
+        """
+        from free_jax.models import partition
+
+        shardings = partition.param_shardings(self.params, self.config, mesh)
+        if partition.is_placed(self.params, shardings):
+            return self
+        model = dataclasses.replace(self, params=partition.place(self.params, shardings))
+        size = partition.model_axis_size(mesh)
+        # Split over `model`, the decoder's kernels stay unfused (see `t5.UNFUSED_KEY`).
+        fuse = functools.partial(t5.fuse_for_decoding, fuse_blocks=size == 1)
+        abstract = jax.eval_shape(fuse, model.params)
+        fused_shardings = jax.tree.map(
+            lambda spec: jax.sharding.NamedSharding(mesh, spec),
+            partition.param_specs(abstract, size),
+        )
+        fused = jax.jit(fuse, out_shardings=fused_shardings)(model.params)
+        model.__dict__["decode_params"] = fused  # what the cached property would make, laid out
+        return model
+
     @property
     def dtype(self) -> Any:
         """The dtype of the parameters, which activations follow."""

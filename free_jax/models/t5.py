@@ -150,7 +150,13 @@ def _self_attention_qkv(p: Params, h: Array, config: T5Config) -> tuple[Array, A
     return tuple(split_heads(h @ p[n], config) for n in ("q", "k", "v"))
 
 
-def fuse_for_decoding(params: Params) -> Params:
+#: Top-level key (a zero-size array) of decode-layout weights whose decoder blocks stay unfused:
+#: tensor parallelism (`free_jax.models.partition`) splits Q/K/V and the gated kernels by heads
+#: and columns, which the thirds and halves of a fused kernel would cut across.
+UNFUSED_KEY = "decode_unfused"
+
+
+def fuse_for_decoding(params: Params, *, fuse_blocks: bool = True) -> Params:
     """The decoder's weights rearranged for one-token-at-a-time decoding; same function.
 
     Decoding at small batch is a chain of matrix-vector products that are bound by memory
@@ -162,7 +168,16 @@ def fuse_for_decoding(params: Params) -> Params:
     `decoder_blocks`, `feed_forward` and `exit_head` accept either layout, and parameters already
     in decode layout are returned as they are. The rearrangement costs about as much as a few
     decode steps, so `Model.decode_params` does it once per model rather than once per call.
+    `fuse_blocks=False` only adds `lm_head` and marks the result (`UNFUSED_KEY`) so that it
+    counts as decode layout (for weights split over a mesh's `model` axis, see `Model.shard`).
     """
+    if UNFUSED_KEY in params:
+        return params
+    if not fuse_blocks:
+        out = {**params, UNFUSED_KEY: jnp.zeros((0,), jnp.int8)}
+        if "lm_head" not in params:
+            out["lm_head"] = params["shared"]["embedding"].T
+        return out
     blocks = []
     for block in params["decoder"]["blocks"]:
         sa = block["self_attn"]
@@ -180,6 +195,8 @@ def fuse_for_decoding(params: Params) -> Params:
 
 def is_decode_layout(params: Params) -> bool:
     """Whether `params` are already in `fuse_for_decoding`'s layout."""
+    if UNFUSED_KEY in params:
+        return True
     blocks = params["decoder"]["blocks"]
     return "lm_head" in params and all("qkv" in b["self_attn"] for b in blocks)
 

@@ -157,6 +157,21 @@ def put_global(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(leaf, tree, shardings)
 
 
+def decode_mesh(mesh: Mesh, config: Any) -> Mesh:
+    """The training mesh's devices as a decoding mesh (`free_jax.decode(mesh=...)`): `fsdp`
+    becomes the tensor-parallel `model` axis where it divides the heads, `d_ff` and the
+    vocabulary, else every device goes to `data`."""
+    from free_jax.errors import InputError
+    from free_jax.models.partition import check_model_axis
+
+    devices = mesh.devices
+    try:
+        check_model_axis(config, mesh.shape[FSDP_AXIS])
+    except InputError:
+        devices = devices.reshape(-1, 1)
+    return Mesh(devices, ("data", "model"))
+
+
 def to_host(tree: Any) -> Any:
     """NumPy copies of a tree of (possibly sharded, multi-process) arrays, on every process."""
     if jax.process_count() > 1:

@@ -463,10 +463,21 @@ class Trainer:
     def decode_metrics(
         self, params: Params, eval_source: inputs.BatchSource, metric_fn: MetricFn
     ) -> dict[str, float]:
-        """Greedy-decodes evaluation sources and scores them with `metric_fn(preds, refs)`."""
+        """Greedy-decodes evaluation sources and scores them with `metric_fn(preds, refs)`.
+
+        In one process the decoding runs on the training mesh's devices (`decode(mesh=...)`,
+        `sharding.decode_mesh`): the parameters are re-laid-out once per call, rows split over
+        every device, not gathered to the host. Across processes (each feeding its own rows)
+        the parameters are gathered and every process decodes its rows on its own.
+        """
         from free_jax.decoding import decode
 
-        model = dataclasses.replace(self.model, params=sharding.to_host(params))
+        mesh = None
+        if jax.process_count() == 1:
+            mesh = sharding.decode_mesh(self.mesh, self.model_config)
+            model = dataclasses.replace(self.model, params=params).shard(mesh)
+        else:
+            model = dataclasses.replace(self.model, params=sharding.to_host(params))
         predictions, references = [], []
         data = self.config.data
         for batch in _take(eval_source(0), self.config.eval.max_decode_batches):
@@ -475,6 +486,7 @@ class Trainer:
                 np.asarray(batch["input_ids"]),
                 attention_mask=np.asarray(batch["attention_mask"]),
                 max_new_tokens=data.target_length,
+                mesh=mesh,
             )
             for i in range(out.tokens.shape[0]):
                 predictions.append(

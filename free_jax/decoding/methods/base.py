@@ -94,10 +94,16 @@ class Method(abc.ABC):
     `fetch(settings, result)` names the arrays `report` needs beyond tokens, lengths and steps;
     `report(settings, got, generated, config)` turns them, fetched to the host with `tokens`,
     `lengths` and `steps`, into a `Report` (`generated`: bool[B, T], the positions each row
-    generated).
+    generated). `outputs(settings, result)` is what `decode` fetches: tokens, lengths, steps
+    and `fetch`'s arrays. On a mesh (`free_jax.decoding.mesh`) `run` is traced once per data
+    shard with that shard's rows, `outputs` is fetched per shard and `report` runs per shard;
+    a method whose `run` reads `call.model.params`, `call.input_ids` or
+    `call.attention_mask` sets `reads_source` (else they are not handed to the devices).
     """
 
     name: ClassVar[str]
+    #: `run` reads the model's own parameters and the source ids (teacher-forced analysis).
+    reads_source: ClassVar[bool] = False
 
     @abc.abstractmethod
     def plan(self, model: Model, options: DecodeOptions, max_new_tokens: int) -> Any: ...
@@ -107,6 +113,11 @@ class Method(abc.ABC):
 
     def fetch(self, settings: Any, result: Any) -> dict[str, Any]:
         return {}
+
+    def outputs(self, settings: Any, result: Any) -> dict[str, Any]:
+        """The arrays `decode` fetches: `tokens`, `lengths`, `steps` and `fetch`'s."""
+        wanted = {"tokens": result.tokens, "lengths": result.lengths, "steps": result.steps}
+        return wanted | self.fetch(settings, result)
 
     @abc.abstractmethod
     def report(

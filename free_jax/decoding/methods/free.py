@@ -163,7 +163,9 @@ class FreeSettings:
     rollback_margin: float
     max_wait: int
     wait_mode: str
-    estimator: Any  # the adaptive `ThresholdEstimator`, or None
+    # The adaptive `ThresholdEstimator`, or None; host-side only (`finish`), so not part of the
+    # settings' equality and hash, which select a compiled program on a mesh.
+    estimator: Any = dataclasses.field(compare=False)
 
 
 class Free(Method):

@@ -53,6 +53,7 @@ class OracleResult:
 
 class Oracle(Method):
     name = "oracle"
+    reads_source = True
 
     def plan(self, model: Model, options: DecodeOptions, max_new_tokens: int) -> None:
         return None
