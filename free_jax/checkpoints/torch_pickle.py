@@ -107,17 +107,10 @@ class _StorageType(_StandIn):
         return f"torch.{self.name}"
 
 
-class _DType(_StandIn):
-    """`torch.float32` & co., as `_rebuild_tensor_v3` receives them."""
+class _DType(_StorageType):
+    """`torch.float32` & co., as `_rebuild_tensor_v3` receives them: a name and a dtype too."""
 
-    __slots__ = ("name", "dtype")
-
-    def __init__(self, name: str, dtype: Any):
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "dtype", np.dtype(dtype))
-
-    def __repr__(self) -> str:
-        return f"torch.{self.name}"
+    __slots__ = ()
 
 
 class _Rebuild(_StandIn):
@@ -300,7 +293,7 @@ class _Reader:
             isinstance(pid, tuple)
             and len(pid) == 5
             and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)
+            and type(pid[1]) is _StorageType  # not a _DType
             and isinstance(pid[2], str)
             and _is_index(pid[4])
         ):

@@ -7,8 +7,7 @@
 What it measures, per method configuration (`MethodSpec`):
 
 * quality: the task's metric (`free_jax.data.metrics.compute`) on the decoded texts, plus the
-  share of
-  outputs equal to the (first) reference and the share equal to the full model's output;
+  share of outputs equal to the (first) reference and the share equal to the full model's output;
 * speed: wall time of the jitted decode per batch (batch size 1 by default, the paper's setting),
   after compilation, summed over the split; with `repeats > 1` each batch is decoded that many
   times and its median is taken. Speed-up is the full model's time over the method's;
