@@ -20,6 +20,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 HERE = Path(__file__)
@@ -320,3 +321,67 @@ def main(out: str, *checks: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+
+
+# ------------------------------------------------------------------ two processes
+
+WORKER = Path(__file__).with_name("mesh_decode_worker.py")
+
+
+def _worker_env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = str(WORKER.parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _two_processes(out: Path, *extra: str) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(out), *extra]
+            + ["--process-id", str(i), "--num-processes", "2", "--port", port],
+            env=_worker_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+
+
+@pytest.mark.slow
+def test_two_processes_decode_a_sharded_batch_like_one(tmp_path):
+    """jax.distributed on 127.0.0.1, 4 fake devices per process, a 4 x 2 mesh over both: the
+    tokens equal one process's with 8 devices; per-process batches that differ are refused."""
+    one = tmp_path / "one"
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(one)],
+        env=_worker_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _two_processes(tmp_path / "two")
+    with np.load(one / "result.npz") as a, np.load(tmp_path / "two" / "result.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    _two_processes(tmp_path / "own", "--rows-of-my-own")
+    for i in range(2):
+        message = (tmp_path / "own" / f"error-{i}.txt").read_text()
+        assert "same global batch on every process" in message

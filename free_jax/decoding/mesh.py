@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from typing import Any
 
 import jax
@@ -38,6 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from free_jax.decoding.methods.base import DecodeCall, Method
+from free_jax.errors import InputError
 from free_jax.models.model import Model
 from free_jax.models.partition import DATA_AXIS, check_mesh
 
@@ -81,9 +83,46 @@ def data_shards(mesh: Mesh) -> int:
     return int(dict(mesh.shape)[DATA_AXIS])
 
 
+def check_same_batch(arrays: tuple[np.ndarray, ...]) -> None:
+    """Under `jax.distributed`, every process must pass the same global batch: compares the
+    arrays' shapes and a checksum of their contents across processes.
+
+    Raises:
+      InputError: the processes passed different batches (naming each one's shapes).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    shapes = [np.asarray(a).shape for a in arrays]
+    summary = np.array(
+        [len(shapes)]
+        + [d for shape in shapes for d in (len(shape), *shape)]
+        + [int(zlib.crc32(np.ascontiguousarray(a).tobytes())) for a in arrays],
+        np.int64,
+    )
+    width = np.array([summary.size], np.int64)
+    widths = multihost_utils.process_allgather(width)
+    if np.any(widths != widths[0]):
+        raise InputError(
+            "decode(..., mesh=...) under jax.distributed takes the same global batch on every "
+            f"process; the processes' inputs have different ranks (summaries of {widths.ravel()} "
+            "numbers). Pass every process the whole batch, not its own rows."
+        )
+    gathered = multihost_utils.process_allgather(summary)  # [processes, n]
+    if np.any(gathered != gathered[0]):
+        raise InputError(
+            "decode(..., mesh=...) under jax.distributed takes the same global batch on every "
+            f"process, but process {jax.process_index()} has inputs of shapes {shapes} and the "
+            "processes' batches differ (shapes or contents). Pass every process the whole "
+            "batch, not its own rows."
+        )
+
+
 def place_rows(arrays: tuple[np.ndarray, ...], layout: RowLayout, mesh: Mesh) -> tuple:
     """Host arrays [B, ...] padded and laid out as `layout` says, split over `data` (every
     process passes the same arrays and places its own shards)."""
+    check_same_batch(arrays)
     sharding = NamedSharding(mesh, _ROWS)
     out = []
     for array in arrays:

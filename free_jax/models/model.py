@@ -66,6 +66,7 @@ class Model:
         """
         from free_jax.models import partition
 
+        mesh = partition.check_mesh(mesh)
         shardings = partition.param_shardings(self.params, self.config, mesh)
         if partition.is_placed(self.params, shardings):
             return self

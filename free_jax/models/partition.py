@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from free_jax.errors import InputError
 from free_jax.models.config import T5Config
@@ -39,7 +39,9 @@ _FFN = {"wi": _COLUMNS, "wi_0": _COLUMNS, "wi_1": _COLUMNS, "wi_fused": _COLUMNS
 
 def check_mesh(mesh: Any) -> Mesh:
     """Validates a decoding mesh: a `jax.sharding.Mesh` with a `data` axis and at most a `model`
-    axis besides."""
+    axis besides. Returns it with automatic axes: decoding places the rows and weights itself
+    and leaves the `model` axis to GSPMD, so a mesh with explicit axes (`jax.make_mesh`'s
+    default) is used as its automatic twin (same devices and names)."""
     if not isinstance(mesh, Mesh):
         raise InputError(
             f"mesh must be a jax.sharding.Mesh with a {DATA_AXIS!r} axis (and optionally a "
@@ -52,6 +54,8 @@ def check_mesh(mesh: Any) -> Mesh:
             f"batch) and may have a {MODEL_AXIS!r} axis (tensor parallelism), nothing else, e.g. "
             f"Mesh(devices.reshape(4, 2), ('data', 'model'))."
         )
+    if any(t != AxisType.Auto for t in mesh.axis_types):
+        mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(names))
     return mesh
 
 
@@ -102,7 +106,7 @@ def param_specs(params: Any, model_size: int) -> Any:
 
 def param_shardings(params: Any, config: T5Config, mesh: Mesh) -> Any:
     """A `NamedSharding` on `mesh` for every leaf of `params` (checks the `model` axis)."""
-    check_mesh(mesh)
+    mesh = check_mesh(mesh)
     size = model_axis_size(mesh)
     check_model_axis(config, size)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params, size))
