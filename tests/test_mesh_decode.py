@@ -14,34 +14,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
+from worker_processes import run_two_processes, run_worker
 
 HERE = Path(__file__)
-ROOT = HERE.parents[1]
 FAST = ("identity", "per_shard", "errors")
 SLOW = ("memory", "matrix", "trainer")
 
 
 def _run_checks(out: Path, checks: tuple[str, ...]) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, str(HERE), str(out), *checks],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(HERE, str(out), *checks, devices=8, timeout=1200)
     return json.loads(out.read_text())
 
 
@@ -328,60 +315,18 @@ if __name__ == "__main__":
 WORKER = Path(__file__).with_name("mesh_decode_worker.py")
 
 
-def _worker_env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = str(WORKER.parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _two_processes(out: Path, *extra: str) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(out), *extra]
-            + ["--process-id", str(i), "--num-processes", "2", "--port", port],
-            env=_worker_env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-4000:]
-
-
 @pytest.mark.slow
 def test_two_processes_decode_a_sharded_batch_like_one(tmp_path):
     """jax.distributed on 127.0.0.1, 4 fake devices per process, a 4 x 2 mesh over both: the
     tokens equal one process's with 8 devices; per-process batches that differ are refused."""
     one = tmp_path / "one"
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(one)],
-        env=_worker_env(8),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    _two_processes(tmp_path / "two")
+    run_worker(WORKER, str(one), devices=8)
+    run_two_processes(WORKER, str(tmp_path / "two"))
     with np.load(one / "result.npz") as a, np.load(tmp_path / "two" / "result.npz") as b:
         assert sorted(a.files) == sorted(b.files)
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    _two_processes(tmp_path / "own", "--rows-of-my-own")
+    run_two_processes(WORKER, str(tmp_path / "own"), "--rows-of-my-own")
     for i in range(2):
         message = (tmp_path / "own" / f"error-{i}.txt").read_text()
         assert "same global batch on every process" in message

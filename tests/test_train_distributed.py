@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,62 +20,21 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from worker_processes import run_two_processes, run_worker, worker_env
 
 import free_jax
 
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("train_worker.py")
-ROOT = WORKER.parents[1]
-
-
-def _env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("FREE_JAX_DISTRIBUTED", None)
-    return env
 
 
 def _run(out: Path, *args: str, devices: int = 1, timeout: float = 600) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(out), *args],
-        env=_env(devices),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    run_worker(WORKER, str(out), *args, devices=devices, timeout=timeout)
 
 
 def _run_two_processes(out: Path, *args: str, timeout: float = 600) -> None:
-    port = str(_free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(out), *args]
-            + ["--process-id", str(i), "--num-processes", "2", "--port", port],
-            env=_env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-4000:]
+    run_two_processes(WORKER, str(out), *args, timeout=timeout)
 
 
 def _result(out: Path) -> dict[str, np.ndarray]:
@@ -114,7 +72,7 @@ def test_sigkill_mid_training_resumes_to_identical_parameters(tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, str(WORKER), str(out), "--steps", steps, "--checkpoint-every", every],
-        env=_env(1),
+        env=worker_env(1),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
