@@ -1,99 +1,182 @@
 """Full-model greedy decoding: free_jax against `transformers` PyTorch `generate`, side by side.
 
-Both run the same random t5-small-shaped checkpoint (d_model 512, 6+6 layers, 8 heads, d_ff 2048,
-vocab 32128), written by free_jax and read by both, with EOS suppressed (`min_new_tokens =
-max_new_tokens`) so every run generates exactly the same number of tokens. free_jax's compile time
-is reported apart from its run time; run times are medians over `--repeats` runs after a warm-up,
-each ended with `block_until_ready`.
+Both run the same random checkpoint (t5-small or t5-base shaped), written by free_jax and read by
+both, with EOS suppressed (`min_new_tokens = max_new_tokens`) so every run generates exactly the
+same number of tokens, and the tokens are compared. For every batch size the benchmark measures,
+in interleaved rounds (so that a noisy machine slows all of them alike):
 
-    python benchmarks/bench_decode.py [--batch-sizes 1 8] [--new-tokens 64] [--repeats 7]
+- free_jax end to end (encoder included, as in `generate`) and decode only (the encoder output
+  computed beforehand), each call ended with `block_until_ready`;
+- transformers' `generate` (PyTorch, float32, its default thread count);
+- the weight-read floor: a jitted loop whose every pass reads every decoder-side weight once
+  (decoder blocks, final norm, LM head; not the cross-attention K/V projections, which run
+  once per input), one pass per generated token, as independent matrix-vector products, XLA's fastest way to stream a matrix here (a
+  plain `sum` reduction reads at about half the rate). Each generated token must read all of
+  these weights, so decode ms/token cannot go below the time per pass. It is measured, not computed
+  from a nominal bandwidth: on this kind of machine the weights of a small model partly stay
+  in a large L3 cache, and a streaming benchmark over a buffer larger than the cache would
+  misstate the floor either way.
 
-Memory-bound floor at batch 1: each new token reads every decoder weight and the LM head once, so
-ms/token >= decoder-side bytes / memory bandwidth (`--bandwidth-gbs`, 30 GB/s measured for a
-matrix-vector product on the development machine).
+Medians over `--rounds`, after compilation (compile time reported apart).
+
+    python benchmarks/bench_decode.py [--shape t5-small|t5-base] [--batch-sizes 1 8]
+        [--new-tokens 64] [--rounds 7] [--no-transformers] [--census] [--json FILE]
+
+`--census` also profiles one decode call at each batch size and prints what runs per generated
+token: XLA thunks by kind (count and share of the thunk time), and the matrix products by output
+shape, which is where the time beyond the floor goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
+import glob
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import free_jax
 from free_jax import decoding, testing
 from free_jax.models.config import T5Config
 
-T5_SMALL = T5Config(
-    vocab_size=32128,
-    d_model=512,
-    d_kv=64,
-    d_ff=2048,
-    num_layers=6,
-    num_decoder_layers=6,
-    num_heads=8,
-    dense_act_fn="relu",
-    is_gated_act=False,
-    tie_word_embeddings=True,
-    scale_decoder_outputs=True,
-)
+SHAPES = {
+    "t5-small": T5Config(
+        vocab_size=32128,
+        d_model=512,
+        d_kv=64,
+        d_ff=2048,
+        num_layers=6,
+        num_decoder_layers=6,
+        num_heads=8,
+        dense_act_fn="relu",
+        is_gated_act=False,
+        tie_word_embeddings=True,
+        scale_decoder_outputs=True,
+    ),
+    "t5-base": T5Config(
+        vocab_size=32128,
+        d_model=768,
+        d_kv=64,
+        d_ff=3072,
+        num_layers=12,
+        num_decoder_layers=12,
+        num_heads=12,
+        dense_act_fn="relu",
+        is_gated_act=False,
+        tie_word_embeddings=True,
+        scale_decoder_outputs=True,
+    ),
+}
+T5_SMALL = SHAPES["t5-small"]
+
+
+def decoder_side_weights(model: free_jax.Model) -> list[jax.Array]:
+    """The arrays each generated token reads at batch 1: decoder blocks, final norm, LM head."""
+    params = model.decode_params
+    decoder = params["decoder"]
+    leaves = []
+    for block in decoder["blocks"]:
+        # Cross-attention K/V projections run once per input (into the cache), not per token.
+        cross = {k: v for k, v in block["cross_attn"].items() if k not in ("k", "v")}
+        leaves += jax.tree.leaves({**block, "cross_attn": cross})
+    return leaves + [decoder["final_norm"], params["lm_head"]]
 
 
 def decoder_side_bytes(model: free_jax.Model) -> int:
-    """Bytes read per generated token at batch 1: decoder blocks, final norm, LM head."""
-    decoder = model.params["decoder"]
-    leaves = jax.tree.leaves(decoder["blocks"]) + [decoder["final_norm"]]
-    # The head is the embedding matrix when tied, a separate [D, V] matrix otherwise.
-    leaves.append(model.params.get("lm_head", model.params["shared"]["embedding"]))
-    # Cross-attention K/V projections run once per input (into the cache), not per token.
-    per_input = sum(b["cross_attn"][n].nbytes for b in decoder["blocks"] for n in ("k", "v"))
-    return sum(x.nbytes for x in leaves) - per_input
+    return sum(x.nbytes for x in decoder_side_weights(model))
 
 
-def median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+@functools.partial(jax.jit, static_argnames="times")
+def _read_all(arrays, vectors, times):
+    """Reads every array `times` times, as matrix-vector products (vectors: [1, rows] inputs; a
+    constant vector of ones would be rewritten by XLA into a slower reduction). The products
+    of one pass are independent, so XLA may run them concurrently; each pass depends on the
+    last, so none is hoisted out of the loop."""
+
+    def one_pass(_, carry):
+        total = carry
+        for a, x in zip(arrays, vectors, strict=True):
+            x = x + carry * 1e-30 if x is not None else None
+            total = total + (jnp.sum(x @ a) if a.ndim == 2 else jnp.sum(a))
+        return total
+
+    return jax.lax.fori_loop(0, times, one_pass, jnp.zeros((), jnp.float32))
+
+
+def weight_reader(weights, times):
+    """A call that reads the decoder-side weights `times` times in one jitted loop, the way the
+    decode loop reads them once per token (so that both see the same cache state)."""
+    rng = np.random.default_rng(0)
+    vectors = [
+        jnp.asarray(rng.standard_normal((1, w.shape[0])), w.dtype) if w.ndim == 2 else None
+        for w in weights
+    ]
+    return lambda: jax.block_until_ready(_read_all(weights, vectors, times))
+
+
+class Timer:
+    """Named callables timed in interleaved rounds.
+
+    Each call starts after a pause: PyTorch's OpenMP workers and XLA's thread pool spin for a
+    while after their work ends, and a call timed during that window shares the two cores with
+    them (this made whichever ran after `generate` up to 1.7x slower).
+    """
+
+    PAUSE_S = 0.2
+
+    def __init__(self):
+        self.fns, self.times = {}, collections.defaultdict(list)
+
+    def add(self, name, fn):
+        fn()  # compiles or warms up
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+        self.fns[name] = fn
+
+    def run(self, rounds):
+        for _ in range(rounds):
+            for name, fn in self.fns.items():
+                time.sleep(self.PAUSE_S)
+                start = time.perf_counter()
+                fn()
+                self.times[name].append(time.perf_counter() - start)
+
+    def median(self, name):
+        return statistics.median(self.times[name])
 
 
-def bench_free_jax(model, ids, mask, new_tokens, repeats):
-    def run():  # the encoder included, as in transformers' generate
-        encoded = decoding.encode_source(
-            model.params, ids, mask, config=model.config, length=ids.shape[1]
+def free_jax_calls(model, ids, mask, new_tokens):
+    params, config = model.decode_params, model.config
+
+    def decode(encoded):
+        return decoding.greedy_full(
+            params, *encoded, config=config, max_new_tokens=new_tokens, min_new_tokens=new_tokens
         )
-        result = decoding.greedy_full(
-            model.decode_params,
-            *encoded,
-            config=model.config,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-        )
-        return jax.block_until_ready(result.tokens)
 
-    start = time.perf_counter()
-    tokens = run()  # compiles
-    first = time.perf_counter() - start
-    run()  # warm-up
-    median, times = median_seconds(run, repeats)
-    return dict(
-        first_call_s=first,
-        compile_s=first - median,
-        median_s=median,
-        times=times,
-        tokens=np.asarray(tokens),
+    def end_to_end():
+        encoded = decoding.encode_source(model.params, ids, mask, config=config, length=ids.shape[1])
+        return jax.block_until_ready(decode(encoded).tokens)
+
+    encoded = jax.block_until_ready(
+        decoding.encode_source(model.params, ids, mask, config=config, length=ids.shape[1])
     )
 
+    def decode_only():
+        return jax.block_until_ready(decode(encoded).tokens)
 
-def bench_transformers(ref, ids, mask, new_tokens, repeats):
+    return end_to_end, decode_only
+
+
+def transformers_call(ref, ids, mask, new_tokens):
     import torch
 
     ids_t = torch.tensor(ids, dtype=torch.long)
@@ -110,24 +193,79 @@ def bench_transformers(ref, ids, mask, new_tokens, repeats):
                 min_new_tokens=new_tokens,
             )
 
-    run()  # warm-up
-    median, times = median_seconds(run, repeats)
-    return dict(median_s=median, times=times, tokens=run().numpy()[:, 1:])
+    return run
+
+
+def thunk_census(fn, steps: int) -> tuple[collections.Counter, collections.Counter, dict]:
+    """Profiles `fn()` once; returns (count, microseconds) per thunk kind per step, and dots.
+
+    Thunk names are XLA's instruction names (`dot.12`, `add_rsqrt_fusion.3`); their kind is the
+    name without the numeric suffix. Matrix products (XLA's own `dot` thunks and the library
+    fusions it hands them to, `ynn_fusion`/`xnn_fusion`/`onednn_fusion`) are also keyed by their
+    output shape, read from the compiled HLO text the caller passes in `fn.hlo`.
+    """
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory):
+            fn()
+        (path,) = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
+        profile = ProfileData.from_file(path)
+    shapes = dict(re.findall(r"%([\w.-]+) = (\S+) (?:dot|fusion)\(", fn.hlo))
+    count, micros = collections.Counter(), collections.Counter()
+    dots = collections.defaultdict(lambda: [0, 0.0])
+    for plane in profile.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLAEigen"):  # the threads that run thunks
+                continue
+            for event in line.events:
+                name = event.name
+                if name.startswith(("ThunkExecutor", "end:", "SlinkyThreadPool")):
+                    continue
+                kind = re.sub(r"[.\d]+$", "", name)
+                count[kind] += 1 / steps
+                micros[kind] += event.duration_ns / 1e3 / steps
+                if kind in ("dot", "ynn_fusion", "xnn_fusion", "onednn_fusion"):
+                    key = f"{kind} -> {shapes.get(name, '?')}"
+                    dots[key][0] += 1 / steps
+                    dots[key][1] += event.duration_ns / 1e3 / steps
+    return count, micros, dict(dots)
+
+
+def print_census(batch, census):
+    count, micros, dots = census
+    total = sum(micros.values())
+    print(
+        f"\n# batch {batch}: {sum(count.values()):.0f} thunks per generated token, "
+        f"{total / 1e3:.2f} ms of thunk time per token under the profiler"
+    )
+    print("| thunk kind | per token | share of thunk time |")
+    print("|---|---|---|")
+    for kind, us in micros.most_common(12):
+        print(f"| {kind} | {count[kind]:.1f} | {us / total:.1%} |")
+    print("| matrix products by output shape | per token | share of thunk time |")
+    print("|---|---|---|")
+    for shape, (n, us) in sorted(dots.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {shape} | {n:.1f} | {us / total:.1%} |")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="t5-small")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--source-length", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--bandwidth-gbs", type=float, default=30.0)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-transformers", action="store_true", help="free_jax only")
+    parser.add_argument("--census", action="store_true", help="profile thunks per token")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    if min(args.batch_sizes) < 1:
+        parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
 
-    model = free_jax.Model.random(T5_SMALL, seed=0)
-    floor_ms = decoder_side_bytes(model) / (args.bandwidth_gbs * 1e9) * 1e3
+    model = free_jax.Model.random(SHAPES[args.shape], seed=0)
+    weights = decoder_side_weights(model)
+    weight_mb = decoder_side_bytes(model) / 1e6
     ref = None
     if not args.no_transformers:
         import torch
@@ -137,50 +275,86 @@ def main(argv=None) -> int:
             ref = testing.load_hf_reference(directory)
         threads = torch.get_num_threads()
     print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax "
-        f"{jax.__version__} on {jax.devices()[0].platform}"
+        f"# {args.shape}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}"
         + (f", torch threads {threads}" if ref is not None else "")
+        + f"; {args.new_tokens} new tokens, source length {args.source_length}, "
+        f"medians of {args.rounds} interleaved rounds"
     )
-    print(
-        f"# batch-1 floor: {decoder_side_bytes(model) / 1e6:.1f} MB decoder-side weights per "
-        f"token at {args.bandwidth_gbs:g} GB/s = {floor_ms:.2f} ms/token"
+    header = (
+        "batch",
+        "floor ms/tok",
+        "decode ms/tok",
+        "x floor",
+        "e2e ms/tok",
+        "HF ms/tok",
+        "HF / ours",
+        "same tokens",
     )
-    header = ("batch", "free_jax ms/tok", "compile s", "HF ms/tok", "speed-up", "x floor", "same")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    rows = []
+    rows, censuses = [], {}
     for batch in args.batch_sizes:
         ids = testing.random_ids((batch, args.source_length), seed=batch, vocab_size=32100)
         mask = np.ones_like(ids)
-        ours = bench_free_jax(model, ids, mask, args.new_tokens, args.repeats)
-        ours_ms = ours["median_s"] / args.new_tokens * 1e3
+        timer = Timer()
+        timer.add("floor", weight_reader(weights, args.new_tokens))
+        end_to_end, decode_only = free_jax_calls(model, ids, mask, args.new_tokens)
+        start = time.perf_counter()
+        ours_tokens = np.asarray(end_to_end())  # compiles both jitted parts
+        compile_s = time.perf_counter() - start
+        timer.add("end_to_end", end_to_end)
+        timer.add("decode_only", decode_only)
+        if ref is not None:
+            hf = transformers_call(ref, ids, mask, args.new_tokens)
+            hf_tokens = hf().numpy()[:, 1:]
+            timer.add("transformers", hf)
+        timer.run(args.rounds)
+        per_token = {k: timer.median(k) / args.new_tokens * 1e3 for k in timer.fns}
+        floor_ms = per_token["floor"]  # one read of the weights = one token's floor
         row = dict(
             batch=batch,
-            free_jax_ms_per_token=ours_ms,
-            compile_s=ours["compile_s"],
-            free_jax_times_s=ours["times"],
             floor_ms_per_token=floor_ms,
+            weight_read_gbs=weight_mb / floor_ms,
+            decode_ms_per_token=per_token["decode_only"],
+            end_to_end_ms_per_token=per_token["end_to_end"],
+            compile_s=compile_s,
+            times_s={k: v for k, v in timer.times.items()},
         )
-        theirs_ms = speedup = same = None
+        hf_ms = speedup = same = None
         if ref is not None:
-            theirs = bench_transformers(ref, ids, mask, args.new_tokens, args.repeats)
-            theirs_ms = theirs["median_s"] / args.new_tokens * 1e3
-            speedup = theirs_ms / ours_ms
-            # Same checkpoint, same greedy rule: the tokens should agree (float ties aside).
-            same = float((theirs["tokens"] == ours["tokens"]).mean())
-            row.update(
-                hf_ms_per_token=theirs_ms,
-                hf_times_s=theirs["times"],
-                speedup=speedup,
-                token_agreement=same,
-            )
+            hf_ms = per_token["transformers"]
+            speedup = hf_ms / per_token["end_to_end"]
+            same = float((hf_tokens == ours_tokens).mean())
+            row.update(hf_ms_per_token=hf_ms, speedup_over_hf=speedup, token_agreement=same)
         rows.append(row)
         fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
         print(
-            f"| {batch} | {ours_ms:.2f} | {ours['compile_s']:.2f} | {fmt(theirs_ms, '.2f')} | "
-            f"{fmt(speedup, '.2f')} | {ours_ms / floor_ms:.2f} | {fmt(same, '.3f')} |",
+            f"| {batch} | {floor_ms:.2f} | {per_token['decode_only']:.2f} | "
+            f"{per_token['decode_only'] / floor_ms:.2f} | {per_token['end_to_end']:.2f} | "
+            f"{fmt(hf_ms, '.2f')} | {fmt(speedup, '.2f')} | {fmt(same, '.3f')} |",
             flush=True,
         )
+        if args.census:
+            encoded = decoding.encode_source(
+                model.params, ids, mask, config=model.config, length=ids.shape[1]
+            )
+            decode_only.hlo = decoding.greedy_full.lower(
+                model.decode_params,
+                *encoded,
+                config=model.config,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+            ).compile().as_text()
+            censuses[batch] = thunk_census(decode_only, args.new_tokens)
+    rates = ", ".join(format(r["weight_read_gbs"], ".1f") for r in rows)
+    print(
+        f"# floor: per-token time of a jitted loop that reads the {weight_mb:.1f} MB of "
+        f"decoder-side weights once per pass ({rates} GB/s in the rows above); at batch > 1 "
+        "the same bytes are read, and the rest is compute"
+    )
+    for batch, census in censuses.items():
+        print_census(batch, census)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=2)
