@@ -10,12 +10,12 @@ in interleaved rounds (so that a noisy machine slows all of them alike):
 - transformers' `generate` (PyTorch, float32, its default thread count);
 - the weight-read floor: a jitted loop whose every pass reads every decoder-side weight once
   (decoder blocks, final norm, LM head; not the cross-attention K/V projections, which run
-  once per input), one pass per generated token, as independent matrix-vector products, XLA's fastest way to stream a matrix here (a
-  plain `sum` reduction reads at about half the rate). Each generated token must read all of
-  these weights, so decode ms/token cannot go below the time per pass. It is measured, not computed
-  from a nominal bandwidth: on this kind of machine the weights of a small model partly stay
-  in a large L3 cache, and a streaming benchmark over a buffer larger than the cache would
-  misstate the floor either way.
+  once per input), one pass per generated token, as independent matrix-vector products, XLA's
+  fastest way to stream a matrix here (a plain `sum` reduction reads at about half the rate).
+  Each generated token must read all of these weights, so decode ms/token cannot go below the
+  time per pass. It is measured, not computed from a nominal bandwidth: on this kind of
+  machine the weights of a small model partly stay in a large L3 cache, and a streaming
+  benchmark over a buffer larger than the cache would misstate the floor either way.
 
 Medians over `--rounds`, after compilation (compile time reported apart).
 
@@ -163,7 +163,9 @@ def free_jax_calls(model, ids, mask, new_tokens):
         )
 
     def end_to_end():
-        encoded = decoding.encode_source(model.params, ids, mask, config=config, length=ids.shape[1])
+        encoded = decoding.encode_source(
+            model.params, ids, mask, config=config, length=ids.shape[1]
+        )
         return jax.block_until_ready(decode(encoded).tokens)
 
     encoded = jax.block_until_ready(
@@ -339,13 +341,17 @@ def main(argv=None) -> int:
             encoded = decoding.encode_source(
                 model.params, ids, mask, config=model.config, length=ids.shape[1]
             )
-            decode_only.hlo = decoding.greedy_full.lower(
-                model.decode_params,
-                *encoded,
-                config=model.config,
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-            ).compile().as_text()
+            decode_only.hlo = (
+                decoding.greedy_full.lower(
+                    model.decode_params,
+                    *encoded,
+                    config=model.config,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                )
+                .compile()
+                .as_text()
+            )
             censuses[batch] = thunk_census(decode_only, args.new_tokens)
     rates = ", ".join(format(r["weight_read_gbs"], ".1f") for r in rows)
     print(
