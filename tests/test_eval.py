@@ -323,6 +323,22 @@ def test_cli_eval_writes_the_report(runs):
     assert (runs["work"] / "cli" / evaluation.PLOT_FILE).is_file()
 
 
+def test_cli_compile_cache_is_set_for_the_command_only(tmp_path, capsys):
+    """The persistent compilation cache is on while a command runs and off again after it, so an
+    in-process call leaves the caller's jax settings as they were."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {name: getattr(jax.config, name) for name in names}
+    cache = tmp_path / "compiled"
+    argv = _eval_argv(tmp_path / "no_such_model", tmp_path)
+    argv[argv.index("--no-compile-cache")] = "--compile-cache=" + str(cache)
+    assert cli.main(argv) == 2  # fails on the missing model, inside the command
+    assert cache.is_dir()  # the command did turn the cache on
+    assert {name: getattr(jax.config, name) for name in names} == before
+    assert str(cache) != before["jax_compilation_cache_dir"]
+
+
 def test_cli_eval_missing_checkpoint_dir(tmp_path, capsys):
     argv = _eval_argv(tmp_path / "no_such_model", tmp_path)
     assert cli.main(argv) == 2

@@ -13,6 +13,7 @@ and writes `report.json` and `quality_vs_speed.png`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -128,19 +129,34 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     _common_arguments(parser)
 
 
-def _enable_compile_cache(args: argparse.Namespace) -> None:
-    if args.no_compile_cache:
-        return
+#: The jax settings `compile_cache` changes, and restores when the command ends.
+_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
+@contextlib.contextmanager
+def compile_cache(args: argparse.Namespace):
+    """Keeps the programs a command compiles in a persistent cache, for the command only.
+
+    jax's cache settings are process-wide: a command run in-process (`free_jax.cli.main` from a
+    notebook or a test) would otherwise leave them set for all of the caller's later jitted code.
+    """
     import jax
 
-    path = Path(args.compile_cache) if args.compile_cache else default_compile_cache()
+    saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+    if not args.no_compile_cache:
+        path = Path(args.compile_cache) if args.compile_cache else default_compile_cache()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"# not caching compiled programs ({path}: {e})", file=sys.stderr)
+        else:
+            jax.config.update(_CACHE_SETTINGS[0], str(path))
+            jax.config.update(_CACHE_SETTINGS[1], 0.5)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"# not caching compiled programs ({path}: {e})", file=sys.stderr)
-        return
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        yield
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
 
 
 def _specs(
@@ -171,13 +187,17 @@ def _finish(report: Any, out: str, started: float) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    with compile_cache(args):
+        return _run_eval(args)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from free_jax import evaluation
 
     if args.methods:  # bad method names fail before anything is loaded
         for m in args.methods:
             evaluation.parse_method(m)
-    _enable_compile_cache(args)
     from free_jax import data
     from free_jax.checkpoints import load
     from free_jax.errors import InputError
@@ -224,12 +244,16 @@ def demo_unavailable_message() -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    with compile_cache(args):
+        return _run_demo(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model_path = Path(args.model) if args.model else DEMO_MODEL
     if args.model is None and not DEMO_MODEL.is_dir():
         print(f"free-jax demo: {demo_unavailable_message()}", file=sys.stderr)
         return 2
-    _enable_compile_cache(args)
     import numpy as np
 
     from free_jax import data, evaluation
