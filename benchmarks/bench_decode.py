@@ -44,40 +44,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import shapes
 
 import free_jax
 from free_jax import decoding, testing
-from free_jax.models.config import T5Config
 
-SHAPES = {
-    "t5-small": T5Config(
-        vocab_size=32128,
-        d_model=512,
-        d_kv=64,
-        d_ff=2048,
-        num_layers=6,
-        num_decoder_layers=6,
-        num_heads=8,
-        dense_act_fn="relu",
-        is_gated_act=False,
-        tie_word_embeddings=True,
-        scale_decoder_outputs=True,
-    ),
-    "t5-base": T5Config(
-        vocab_size=32128,
-        d_model=768,
-        d_kv=64,
-        d_ff=3072,
-        num_layers=12,
-        num_decoder_layers=12,
-        num_heads=12,
-        dense_act_fn="relu",
-        is_gated_act=False,
-        tie_word_embeddings=True,
-        scale_decoder_outputs=True,
-    ),
-}
-T5_SMALL = SHAPES["t5-small"]
+T5_SMALL = shapes.t5_v1_0("t5-small")
 
 
 def decoder_side_weights(model: free_jax.Model) -> list[jax.Array]:
@@ -198,13 +170,13 @@ def transformers_call(ref, ids, mask, new_tokens):
     return run
 
 
-def thunk_census(fn, steps: int) -> tuple[collections.Counter, collections.Counter, dict]:
+def thunk_census(fn, hlo: str, steps: int) -> tuple[collections.Counter, collections.Counter, dict]:
     """Profiles `fn()` once; returns (count, microseconds) per thunk kind per step, and dots.
 
     Thunk names are XLA's instruction names (`dot.12`, `add_rsqrt_fusion.3`); their kind is the
     name without the numeric suffix. Matrix products (XLA's own `dot` thunks and the library
     fusions it hands them to, `ynn_fusion`/`xnn_fusion`/`onednn_fusion`) are also keyed by their
-    output shape, read from the compiled HLO text the caller passes in `fn.hlo`.
+    output shape, read from `hlo`, the compiled HLO text of the program `fn` runs.
     """
     from jax.profiler import ProfileData
 
@@ -213,7 +185,7 @@ def thunk_census(fn, steps: int) -> tuple[collections.Counter, collections.Count
             fn()
         (path,) = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
         profile = ProfileData.from_file(path)
-    shapes = dict(re.findall(r"%([\w.-]+) = (\S+) (?:dot|fusion)\(", fn.hlo))
+    shapes = dict(re.findall(r"%([\w.-]+) = (\S+) (?:dot|fusion)\(", hlo))
     count, micros = collections.Counter(), collections.Counter()
     dots = collections.defaultdict(lambda: [0, 0.0])
     for plane in profile.planes:
@@ -253,7 +225,7 @@ def print_census(batch, census):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="t5-small")
+    parser.add_argument("--shape", choices=shapes.NAMES, default="t5-small")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--source-length", type=int, default=64)
@@ -265,7 +237,7 @@ def main(argv=None) -> int:
     if min(args.batch_sizes) < 1:
         parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
 
-    model = free_jax.Model.random(SHAPES[args.shape], seed=0)
+    model = free_jax.Model.random(shapes.t5_v1_0(args.shape), seed=0)
     weights = decoder_side_weights(model)
     weight_mb = decoder_side_bytes(model) / 1e6
     ref = None
@@ -341,7 +313,7 @@ def main(argv=None) -> int:
             encoded = decoding.encode_source(
                 model.params, ids, mask, config=model.config, length=ids.shape[1]
             )
-            decode_only.hlo = (
+            hlo = (
                 decoding.greedy_full.lower(
                     model.decode_params,
                     *encoded,
@@ -352,7 +324,7 @@ def main(argv=None) -> int:
                 .compile()
                 .as_text()
             )
-            censuses[batch] = thunk_census(decode_only, args.new_tokens)
+            censuses[batch] = thunk_census(decode_only, hlo, args.new_tokens)
     rates = ", ".join(format(r["weight_read_gbs"], ".1f") for r in rows)
     print(
         f"# floor: per-token time of a jitted loop that reads the {weight_mb:.1f} MB of "

@@ -34,26 +34,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import shapes
 
 import free_jax
 from free_jax import decoding, testing
 from free_jax.decoding import spd
 from free_jax.models import t5
-from free_jax.models.config import T5Config
 
-T5_BASE = T5Config(
-    vocab_size=32128,
-    d_model=768,
-    d_kv=64,
-    d_ff=3072,
-    num_layers=12,
-    num_decoder_layers=12,
-    num_heads=12,
-    dense_act_fn="relu",
-    is_gated_act=False,
-    tie_word_embeddings=True,
-    scale_decoder_outputs=True,
-)
+T5_BASE = shapes.t5_v1_0("t5-base")
 
 
 def timed(fn, repeats):

@@ -16,27 +16,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import shapes
 from jax.sharding import Mesh, NamedSharding
 
 from free_jax.decoding import encode_source, methods
 from free_jax.decoding import mesh as mesh_decode
 from free_jax.models import partition, t5
-from free_jax.models.config import T5Config
 
 # t5-large (v1.0): 24 + 24 blocks, d_model 1024, 16 heads of 64, d_ff 4096, tied embedding.
-CONFIG = T5Config(
-    vocab_size=32128,
-    d_model=1024,
-    d_kv=64,
-    d_ff=4096,
-    num_layers=24,
-    num_decoder_layers=24,
-    num_heads=16,
-    dense_act_fn="relu",
-    is_gated_act=False,
-    tie_word_embeddings=True,
-    scale_decoder_outputs=True,
-)
+CONFIG = shapes.t5_v1_0("t5-large")
 BATCH_PER_SHARD, SOURCE, NEW_TOKENS = 1, 64, 32
 
 
