@@ -323,20 +323,32 @@ def test_cli_eval_writes_the_report(runs):
     assert (runs["work"] / "cli" / evaluation.PLOT_FILE).is_file()
 
 
-def test_cli_compile_cache_is_set_for_the_command_only(tmp_path, capsys):
+def test_cli_compile_cache_is_set_for_the_command_only(checkpoint, jsonl, tmp_path, capsys):
     """The persistent compilation cache is on while a command runs and off again after it, so an
-    in-process call leaves the caller's jax settings as they were."""
+    in-process call leaves the caller's jax settings, and its later compilations, as they were
+    (jax keeps a cache it has opened whatever the settings say later)."""
     import jax
+    import jax.numpy as jnp
 
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     before = {name: getattr(jax.config, name) for name in names}
     cache = tmp_path / "compiled"
-    argv = _eval_argv(tmp_path / "no_such_model", tmp_path)
+    argv = _eval_argv(
+        checkpoint, tmp_path, "--data-files", str(jsonl), "--max-examples", "1",
+        "--max-new-tokens", "2", "--methods", "full", "--no-sweep",
+    )  # fmt: skip
     argv[argv.index("--no-compile-cache")] = "--compile-cache=" + str(cache)
-    assert cli.main(argv) == 2  # fails on the missing model, inside the command
-    assert cache.is_dir()  # the command did turn the cache on
+    assert cli.main(argv) == 0
+    written = set(cache.iterdir())
+    assert written  # the command's programs went to its cache
     assert {name: getattr(jax.config, name) for name in names} == before
-    assert str(cache) != before["jax_compilation_cache_dir"]
+    # A program compiled after the command, however quickly, is not written to its cache.
+    jax.config.update(names[1], 0.0)
+    try:
+        jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) * 3.25 + 0.5)(jnp.ones(7)))
+    finally:
+        jax.config.update(names[1], before[names[1]])
+    assert set(cache.iterdir()) == written
 
 
 def test_cli_eval_missing_checkpoint_dir(tmp_path, capsys):

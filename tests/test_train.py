@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 import free_jax
 from free_jax import cli, testing
@@ -66,12 +67,16 @@ def compilation_cache(tmp_path_factory):
         "jax_persistent_cache_min_entry_size_bytes",
     )
     saved = {name: getattr(jax.config, name) for name in names}
+    # jax keeps a cache it has opened whatever the settings say later: reset it on both sides,
+    # so this module's directory takes effect and later modules compile without it.
+    jax_cache.reset_cache()
     jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update(names[1], 0.5)
     jax.config.update(names[2], 0)
     yield
     for name, value in saved.items():
         jax.config.update(name, value)
+    jax_cache.reset_cache()
 
 
 # ---------------------------------------------------------------------------- the CLI run

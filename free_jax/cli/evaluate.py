@@ -139,10 +139,16 @@ def compile_cache(args: argparse.Namespace):
 
     jax's cache settings are process-wide: a command run in-process (`free_jax.cli.main` from a
     notebook or a test) would otherwise leave them set for all of the caller's later jitted code.
+    Restoring the settings is not enough: jax opens the cache at the first compilation that
+    finds a directory set and keeps it open whatever the settings say later, so the cache is
+    reset on the way in (the command's directory takes effect even after earlier compilations)
+    and on the way out (the caller's settings take effect again).
     """
     import jax
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
     saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+    jax_cache.reset_cache()
     if not args.no_compile_cache:
         path = Path(args.compile_cache) if args.compile_cache else default_compile_cache()
         try:
@@ -157,6 +163,7 @@ def compile_cache(args: argparse.Namespace):
     finally:
         for name, value in saved.items():
             jax.config.update(name, value)
+        jax_cache.reset_cache()
 
 
 def _specs(
