@@ -213,6 +213,11 @@ def test_agreement_data_covers_what_deep_passes_saw(model, batch):
     assert ((lean.agree >= 0) == (~lean.exited & (lean.exit_layer > 0))).all()
     assert out.deep_pass_tokens.shape == (out.num_deep_passes,)
     assert out.deep_pass_tokens.sum() == (out.agree >= 0).sum()
+    # Rows per pass: each row that takes part brings its pending tokens and its current one.
+    assert out.deep_pass_rows.shape == (out.num_deep_passes,)
+    assert ((out.deep_pass_rows >= 1) & (out.deep_pass_rows <= len(ids))).all()
+    assert (out.deep_pass_rows <= out.deep_pass_tokens).all()
+    assert out.deep_pass_rows.sum() == (~out.exited & (out.exit_layer > 0)).sum()
     # Agreement is the shallow argmax against the deep one, under teacher forcing.
     dec = np.concatenate([np.zeros((4, 1), np.int32), out.tokens[:, :-1]], axis=1)
     deep = np.asarray(free_jax.forward(model, ids, dec, attention_mask=mask)).argmax(-1)
@@ -395,6 +400,7 @@ def test_an_unbounded_buffer_forces_no_deep_pass(model, batch):
     bounded = _free(model, batch, 0.0, min_new_tokens=T, buffer_capacity=4)
     assert bounded.num_deep_passes == 2
     np.testing.assert_array_equal(bounded.deep_pass_tokens, [5 * len(ids)] * 2)
+    np.testing.assert_array_equal(bounded.deep_pass_rows, [len(ids)] * 2)  # in lockstep
     np.testing.assert_array_equal(bounded.exited.sum(axis=1), [T - 2] * len(ids))
 
 

@@ -59,6 +59,8 @@ class DecodeOutput:
         "calm" the steps at which some row ran every block).
       deep_pass_tokens: int32[num_deep_passes] positions each deep pass processed, over all rows
         ("calm": rows that ran every block at that step).
+      deep_pass_rows: int32[num_deep_passes] rows that took part in each deep pass (joined shard
+        by shard on a mesh, as `deep_pass_tokens`).
       shard_steps: int32[num_data_shards] loop iterations each data shard ran (`decode(...,
         mesh=...)`, where every shard runs its own loop and `steps` is the largest; one entry
         without a mesh). On a mesh, `num_deep_passes` is the sum over the shards that hold rows
@@ -76,6 +78,7 @@ class DecodeOutput:
     agree: np.ndarray
     num_deep_passes: int
     deep_pass_tokens: np.ndarray
+    deep_pass_rows: np.ndarray
     shard_steps: np.ndarray
 
     @property
@@ -383,6 +386,9 @@ def _to_output(
         num_deep_passes=sum(int(r.num_deep_passes) for r in passing),
         deep_pass_tokens=np.concatenate(
             [np.asarray(r.deep_pass_tokens, np.int32).reshape(-1) for r in passing]
+        ),
+        deep_pass_rows=np.concatenate(
+            [np.asarray(r.deep_pass_rows, np.int32).reshape(-1) for r in passing]
         ),
         shard_steps=shard_steps,
     )

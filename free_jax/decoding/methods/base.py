@@ -84,6 +84,7 @@ class Report:
     agree: np.ndarray
     num_deep_passes: int
     deep_pass_tokens: np.ndarray
+    deep_pass_rows: np.ndarray
 
 
 class Method(abc.ABC):
@@ -229,4 +230,5 @@ def fixed_depth_report(
         agree=np.full((B, T), -1, np.int8),
         num_deep_passes=passes,
         deep_pass_tokens=active_per_step[:passes].astype(np.int32),
+        deep_pass_rows=active_per_step[:passes].astype(np.int32),
     )

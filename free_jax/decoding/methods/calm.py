@@ -90,4 +90,6 @@ class Calm(Method):
             agree=np.full(generated.shape, -1, np.int8),
             num_deep_passes=passes,
             deep_pass_tokens=got["pass_tokens"][:passes],
+            # A row that runs every block does so at one position: rows == positions.
+            deep_pass_rows=got["pass_tokens"][:passes],
         )

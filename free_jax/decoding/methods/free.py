@@ -240,6 +240,7 @@ class Free(Method):
             "confidence": result.confidence,
             "passes": result.num_deep_passes,
             "pass_tokens": result.pass_tokens,
+            "pass_rows": result.pass_rows,
             "exited": result.exited,
             "agree": result.agree,
         }
@@ -256,6 +257,7 @@ class Free(Method):
             agree=got["agree"],
             num_deep_passes=passes,
             deep_pass_tokens=got["pass_tokens"][:passes],
+            deep_pass_rows=got["pass_rows"][:passes],
         )
 
     def finish(self, s: FreeSettings, output: Any) -> None:
