@@ -44,10 +44,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import shapes
 
 import free_jax
 from free_jax import decoding, testing
+from free_jax.models import shapes
 
 T5_SMALL = shapes.t5_v1_0("t5-small")
 
@@ -185,7 +185,7 @@ def thunk_census(fn, hlo: str, steps: int) -> tuple[collections.Counter, collect
             fn()
         (path,) = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
         profile = ProfileData.from_file(path)
-    shapes = dict(re.findall(r"%([\w.-]+) = (\S+) (?:dot|fusion)\(", hlo))
+    out_shapes = dict(re.findall(r"%([\w.-]+) = (\S+) (?:dot|fusion)\(", hlo))
     count, micros = collections.Counter(), collections.Counter()
     dots = collections.defaultdict(lambda: [0, 0.0])
     for plane in profile.planes:
@@ -200,7 +200,7 @@ def thunk_census(fn, hlo: str, steps: int) -> tuple[collections.Counter, collect
                 count[kind] += 1 / steps
                 micros[kind] += event.duration_ns / 1e3 / steps
                 if kind in ("dot", "ynn_fusion", "xnn_fusion", "onednn_fusion"):
-                    key = f"{kind} -> {shapes.get(name, '?')}"
+                    key = f"{kind} -> {out_shapes.get(name, '?')}"
                     dots[key][0] += 1 / steps
                     dots[key][1] += event.duration_ns / 1e3 / steps
     return count, micros, dict(dots)

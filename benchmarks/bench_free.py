@@ -34,12 +34,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import shapes
 
 import free_jax
 from free_jax import decoding, testing
 from free_jax.decoding import spd
-from free_jax.models import t5
+from free_jax.models import shapes, t5
 
 T5_BASE = shapes.t5_v1_0("t5-base")
 

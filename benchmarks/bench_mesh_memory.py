@@ -16,12 +16,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import shapes
 from jax.sharding import Mesh, NamedSharding
 
 from free_jax.decoding import encode_source, methods
 from free_jax.decoding import mesh as mesh_decode
-from free_jax.models import partition, t5
+from free_jax.models import partition, shapes, t5
 
 # t5-large (v1.0): 24 + 24 blocks, d_model 1024, 16 heads of 64, d_ff 4096, tied embedding.
 CONFIG = shapes.t5_v1_0("t5-large")

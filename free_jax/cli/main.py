@@ -11,6 +11,9 @@ free-jax eval --model DIR_OR_HUB --task NAME [...]   (free_jax.cli.evaluate)
 free-jax demo [--out DIR] [--quick]                  (free_jax.cli.evaluate)
 free-jax train --config configs/NAME.py [key=value ...] [--print-config]
                                                      (free_jax.cli.train)
+free-jax calibrate [--model demo] [--split validation] (free_jax.cli.calibrate)
+free-jax bench [--model demo|random:t5-base] [--batch-sizes 1 8 32]
+                                                     (free_jax.cli.bench)
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from free_jax.cli import calibrate, decode, evaluate, fit_threshold, train
+from free_jax.cli import bench, calibrate, decode, evaluate, fit_threshold, train
 from free_jax.cli.quiet import quiet_libraries
 from free_jax.errors import CheckpointError, ConfigError, DataError, InputError
 
@@ -30,6 +33,7 @@ SUBCOMMANDS = {
     "demo": (evaluate.add_demo_parser, evaluate.run_demo),
     "train": (train.add_parser, train.run),
     "calibrate": (calibrate.add_parser, calibrate.run),
+    "bench": (bench.add_parser, bench.run),
 }
 
 

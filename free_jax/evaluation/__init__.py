@@ -2,7 +2,8 @@
 
 Owns: `specs` (what to run: `MethodSpec`, defaults, sweeps), `harness` (`evaluate`: decoding,
 timing, scoring), `report` (`Report`, its summary, table, plot and files), `calibration` (a FREE
-threshold chosen on a held-out split with a bootstrap margin).
+threshold chosen on a held-out split with a bootstrap margin), `bench` (`free-jax bench`: every
+method at several batch sizes on the same inputs: speed, the weight-bytes ideal, memory, quality).
 
 May import: `free_jax.decoding`, `free_jax.data`, `free_jax.models`, `free_jax.errors`; never
 training or cli.

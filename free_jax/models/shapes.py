@@ -1,8 +1,8 @@
-"""The published T5 v1.0 shapes the benchmarks build random models of.
+"""The published T5 v1.0 shapes that benchmarks build random models of.
 
-One place for them, so that every benchmark's "t5-small" or "t5-base" is the same network: ReLU
-feed-forward, head tied to the embedding, decoder output rescaled (v1.0), vocabulary 32128,
-heads of 64. Benchmarks run as scripts from this directory, so `import shapes` finds it.
+One place for them, so that every benchmark's (and `free-jax bench`'s) "t5-small" or "t5-base" is
+the same network: ReLU feed-forward, head tied to the embedding, decoder output rescaled (v1.0),
+vocabulary 32128, heads of 64.
 """
 
 from __future__ import annotations

@@ -1,0 +1,159 @@
+"""`free-jax bench` (`free_jax.evaluation.bench`): every case at every batch size on the same
+inputs, with the diagnostics the table reports, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from free_jax import cli, decode, testing
+from free_jax.errors import InputError
+from free_jax.evaluation import bench
+
+T = 10
+NUM_INPUTS = 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return testing.tiny_model("v1.1", seed=3)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 20, NUM_INPUTS)
+    ids = testing.random_ids((NUM_INPUTS, 20), seed=1)
+    return bench.BenchInputs(sources=[ids[i, :n] for i, n in enumerate(lengths)], max_new_tokens=T)
+
+
+@pytest.fixture(scope="module")
+def threshold(model, inputs):
+    # A threshold at the median confidence: some tokens exit, others need the deep blocks.
+    out = decode(
+        model,
+        np.stack([s[:3] for s in inputs.sources]),
+        method="free",
+        exit_layer=1,
+        threshold=0.5,
+        max_new_tokens=T,
+    )
+    conf = out.confidence[np.isfinite(out.confidence)]
+    return float(np.median(conf))
+
+
+@pytest.fixture(scope="module")
+def result(model, inputs, threshold):
+    cases = bench.default_cases(model, exit_layer=1, threshold=threshold, max_wait=2)
+    # Batch 2 over 5 inputs: full batches and a smaller last one. Peak memory compiles every
+    # program again; it is tested on its own below.
+    return bench.run_bench(model, inputs, cases, batch_sizes=(1, 2), progress=False, memory=False)
+
+
+def test_every_case_at_every_batch_size(result):
+    labels = [r.label for r in result.rows]
+    assert len(result.rows) == 12 and labels[:6] == labels[6:]
+    assert labels[0] == "full" and "free exact" in labels
+    for B in (1, 2):
+        rows = {r.label: r for r in result.rows if r.batch_size == B}
+        full = rows["full"]
+        assert full.speedup == 1.0 and full.ideal == pytest.approx(1.0)
+        assert full.exit_rate == 0.0 and full.passes == full.steps
+        static = next(r for r in rows.values() if r.method == "static")
+        assert static.exit_rate == 1.0 and static.passes == 0 and static.ideal > 1.0
+        exact = rows["free exact"]
+        assert exact.equals_full is True
+        for r in rows.values():
+            assert r.seconds > 0 and r.tokens > 0 and r.peak_bytes is None
+            assert r.pass_rows <= r.passes * B and r.pass_rows <= r.pass_positions
+            if r.label.startswith("free thr"):
+                # Default mode: a step reads the shallow weights, a pass the deep ones, so at
+                # most the full model's bytes per step and at least the shallow model's (exact
+                # mode may redo rejected steps).
+                assert static.ideal >= r.ideal >= full.ideal * 0.99
+                assert r.of_ideal == pytest.approx(r.speedup / r.ideal)
+
+
+def test_outputs_do_not_depend_on_the_batch_size(model, inputs, result):
+    # Default-mode FREE decodes each row as it would alone, so its exits and passes are the same
+    # at every batch size (draft waiting changes when passes happen, not the exits).
+    by = {(r.label, r.batch_size): r for r in result.rows}
+    for label in ("full", "static Ls=1"):
+        assert by[(label, 1)].tokens == by[(label, 2)].tokens
+    free = next(r.label for r in result.rows if r.label.startswith("free thr"))
+    assert by[(free, 1)].tokens == by[(free, 2)].tokens
+    assert by[(free, 1)].exited == by[(free, 2)].exited
+    draft = next(r.label for r in result.rows if "draft" in r.label)
+    assert by[(draft, 2)].exited == by[(free, 2)].exited
+
+
+def test_table_json_and_plot(result, tmp_path):
+    table = bench.format_bench(result)
+    assert "| batch | method | ms/token | speed-up | ideal |" in table
+    assert table.count("\n| 2 |") == 6
+    path = bench.plot_bench(result, tmp_path / bench.PLOT_FILE)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(json.dumps(result.to_dict()))
+    assert {"ms_per_token", "speedup", "ideal", "of_ideal", "peak_bytes"} <= set(data["rows"][0])
+
+
+def test_peak_memory_of_a_decode_program(model, inputs):
+    full = bench.default_cases(model, exit_layer=1, threshold=0.5)[0]
+    ids = testing.random_ids((1, 16)), testing.random_ids((4, 16))
+    one, four = (
+        bench.program_bytes(model, x, np.ones_like(x), 16, full, max_new_tokens=T, min_new_tokens=0)
+        for x in ids
+    )
+    # The KV cache alone: 2 (K, V) x layers x rows x T x heads x head size x 4 bytes.
+    c = model.config
+    cache = 2 * c.num_decoder_layers * T * c.num_heads * c.d_kv * 4
+    assert cache <= one < four and four >= 4 * cache
+
+
+def test_a_batch_too_large_for_memory_is_refused(model, inputs):
+    with pytest.raises(InputError, match=r"batch size 3 is too large .* MiB"):
+        bench.run_bench(
+            model,
+            inputs,
+            bench.default_cases(model, exit_layer=1, threshold=0.5)[:1],
+            batch_sizes=(3,),
+            progress=False,
+            memory_limit=1024,
+        )
+
+
+@pytest.mark.parametrize("sizes", [(0,), (1, -2), (2.5,), (NUM_INPUTS + 1,)])
+def test_bad_batch_sizes_are_refused(model, inputs, sizes):
+    with pytest.raises(InputError, match="batch size"):
+        bench.run_bench(model, inputs, [], batch_sizes=sizes, progress=False)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "/nonexistent/model"], "/nonexistent/model' does not exist"),
+        (["--batch-sizes", "0"], "batch size 0 is invalid"),
+        (["--model", "random:t5-huge"], "unknown model shape 't5-huge'.*random:t5-base"),
+        (["--model", "random:t5-small", "--exit-rate", "1.5"], "--exit-rate 1.5"),
+        (["--max-examples", "0"], "--max-examples 0"),
+    ],
+)
+def test_cli_bad_input(argv, message, capsys):
+    assert cli.main(["bench", *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_cli_bench_on_the_demo_model(tmp_path, capsys):
+    argv = ["bench", "--batch-sizes", "1", "2", "--max-examples", "3", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| 2 | free exact |" in out and "punct_f1" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert len(data["rows"]) == 12 and data["num_examples"] == 3
+    exact = [r for r in data["rows"] if r["label"] == "free exact"]
+    assert all(r["equals_full"] for r in exact)
+    assert (tmp_path / bench.PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
