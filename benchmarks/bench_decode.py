@@ -47,6 +47,7 @@ import numpy as np
 
 import free_jax
 from free_jax import decoding, testing
+from free_jax.evaluation import bench
 from free_jax.models import shapes
 
 T5_SMALL = shapes.t5_v1_0("t5-small")
@@ -54,14 +55,7 @@ T5_SMALL = shapes.t5_v1_0("t5-small")
 
 def decoder_side_weights(model: free_jax.Model) -> list[jax.Array]:
     """The arrays each generated token reads at batch 1: decoder blocks, final norm, LM head."""
-    params = model.decode_params
-    decoder = params["decoder"]
-    leaves = []
-    for block in decoder["blocks"]:
-        # Cross-attention K/V projections run once per input (into the cache), not per token.
-        cross = {k: v for k, v in block["cross_attn"].items() if k not in ("k", "v")}
-        leaves += jax.tree.leaves({**block, "cross_attn": cross})
-    return leaves + [decoder["final_norm"], params["lm_head"]]
+    return bench.decoder_weights(model, 0, model.config.num_decoder_layers)
 
 
 def decoder_side_bytes(model: free_jax.Model) -> int:

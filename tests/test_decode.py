@@ -11,7 +11,7 @@ import pytest
 
 import free_jax
 from free_jax import testing
-from free_jax.decoding.search import greedy_search
+from free_jax.decoding.search import greedy_search, greedy_token
 from free_jax.errors import InputError
 from free_jax.models import t5
 from free_jax.models.kv_cache import DecoderCache
@@ -445,3 +445,15 @@ def test_the_decoding_cores_return_the_cache_only_when_asked(model):
     for layer in full.cache.layers:
         # Every row steps until the whole batch is done, writing one position per step.
         np.testing.assert_array_equal(np.asarray(layer.length), [int(full.steps)] * len(ids))
+
+
+def test_greedy_token_is_argmax_with_the_first_of_tied_maxima():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 50)).astype(np.float32)
+    logits[1] = np.round(logits[1])  # many ties
+    logits[2] = 0.0  # all tied: index 0
+    logits[3, [7, 30]] = 9.0  # a tie at the maximum: the first
+    logits[4, :40] = -np.inf  # a suppressed prefix, as suppress_eos makes
+    np.testing.assert_array_equal(np.asarray(greedy_token(logits)), logits.argmax(-1))
+    assert np.asarray(greedy_token(logits)).dtype == np.int32
+    assert int(greedy_token(logits)[3]) == 7

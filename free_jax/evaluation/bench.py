@@ -209,19 +209,23 @@ def _batches(inputs: BenchInputs, batch_size: int) -> list[tuple[np.ndarray, np.
     return out
 
 
-def weight_bytes(model: Model, start: int, stop: int, head: bool = True) -> int:
-    """Bytes of the decoder weights one loop step reads for blocks [start, stop) (and the final
-    norm and LM head): cross-attention K/V projections run once per input and are left out."""
+def decoder_weights(model: Model, start: int, stop: int, head: bool = True) -> list[jax.Array]:
+    """The decode-layout arrays one loop step reads for blocks [start, stop), and the final norm
+    and LM head: cross-attention K/V projections run once per input and are left out."""
     params = model.decode_params
     decoder = params["decoder"]
-    total = 0
+    leaves = []
     for block in decoder["blocks"][start:stop]:
         cross = {k: v for k, v in block["cross_attn"].items() if k not in ("k", "v")}
-        total += sum(x.nbytes for x in jax.tree.leaves({**block, "cross_attn": cross}))
+        leaves += jax.tree.leaves({**block, "cross_attn": cross})
     if head:
-        lm_head = params.get("lm_head", params["shared"]["embedding"])
-        total += decoder["final_norm"].nbytes + lm_head.nbytes
-    return total
+        leaves += [decoder["final_norm"], params.get("lm_head", params["shared"]["embedding"])]
+    return leaves
+
+
+def weight_bytes(model: Model, start: int, stop: int, head: bool = True) -> int:
+    """Bytes of `decoder_weights`."""
+    return sum(x.nbytes for x in decoder_weights(model, start, stop, head))
 
 
 def program_bytes(
@@ -236,11 +240,8 @@ def program_bytes(
     """XLA's temporary and output bytes of the decode program `decode(model, ids, **case)` runs
     (compiled ahead of time; None where the backend gives no memory analysis)."""
     options = case.options
-    impl = decode_methods.get(options.get("method", "full"))
-    fields = {f.name for f in dataclasses.fields(DecodeOptions)}
-    settings = impl.plan(
-        model, DecodeOptions(**{k: v for k, v in options.items() if k in fields}), max_new_tokens
-    )
+    impl = decode_methods.get(options.pop("method", "full"))
+    settings = impl.plan(model, DecodeOptions(**options), max_new_tokens)
     encoded = encode_source(
         model.params, ids, mask, config=model.config, length=max(encoder_length, ids.shape[1])
     )
@@ -335,20 +336,20 @@ def run_bench(
     lengths = dict(max_new_tokens=inputs.max_new_tokens, min_new_tokens=inputs.min_new_tokens)
     limit = memory_limit if memory_limit is not None else available_bytes()
     L = model.config.num_decoder_layers
-    w_full = weight_bytes(model, 0, L)
 
-    def ideal_bytes(case: BenchCase, out) -> float | None:
-        """Weight bytes the case's loop read, by its steps and passes."""
-        options = case.options
+    def bytes_per_step_and_pass(case: BenchCase) -> tuple[int, int] | None:
+        """Weight bytes of one loop step and of one deep pass (None: CALM, whose depth varies
+        per token)."""
         if case.method == "full":
-            return out.steps * w_full
-        layer = options.get("exit_layer")
+            return weight_bytes(model, 0, L), 0
+        layer = case.options.get("exit_layer")
         if case.method == "static":
-            return out.steps * weight_bytes(model, 0, layer)
+            return weight_bytes(model, 0, layer), 0
         if case.method == "free":
-            deep = weight_bytes(model, layer, L)
-            return out.steps * weight_bytes(model, 0, layer) + out.num_deep_passes * deep
-        return None  # CALM's depth varies per token
+            return weight_bytes(model, 0, layer), weight_bytes(model, layer, L)
+        return None
+
+    costs = {case: bytes_per_step_and_pass(case) for case in cases}
 
     rows: list[BenchRow] = []
     for B in sizes:
@@ -411,7 +412,10 @@ def run_bench(
                 equals_full = all(
                     np.array_equal(a, b) for a, b in zip(mine, full_tokens, strict=True)
                 )
-            read = [ideal_bytes(case, o) for o in outs]
+            cost = costs[case]
+            read = None
+            if cost is not None:
+                read = sum(o.steps * cost[0] + o.num_deep_passes * cost[1] for o in outs)
             rows.append(
                 BenchRow(
                     label=case.label,
@@ -424,7 +428,7 @@ def run_bench(
                     passes=sum(int(o.num_deep_passes) for o in outs),
                     pass_rows=sum(int(o.deep_pass_rows.sum()) for o in outs),
                     pass_positions=sum(int(o.deep_pass_tokens.sum()) for o in outs),
-                    bytes_read=None if None in read else sum(read),
+                    bytes_read=read,
                     peak_bytes=peaks[case],
                     quality=quality,
                     equals_full=equals_full,
