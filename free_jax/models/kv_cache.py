@@ -20,9 +20,16 @@ Array = jax.Array
 class LayerCache:
     """Self-attention keys and values of one decoder layer.
 
+    Both are stored in the layouts attention's batched matrix products read: one batch axis of
+    (row, head) pairs, row-major, then the contracted axis first (keys transposed), so that
+    `q @ k` and `weights @ v` run on the cache as it is. XLA's CPU backend copied [B, T, H, Dh]
+    caches into these layouts at every decode step (two copies per cached array per block), and
+    copied a [B, H, ...] cache whole at every step when a matrix product read it through a
+    reshape; `free_jax.models.layers.attend` takes these layouts directly.
+
     Attributes:
-      k: [B, T, H, Dh] keys by absolute position.
-      v: [B, T, H, Dh] values by absolute position.
+      k: [B*H, Dh, T] keys of row b, head h at index b*H + h, transposed: position last.
+      v: [B*H, T, Dh] values by (row, head) and absolute position.
       length: int32[B] positions written so far; the next query of row b sits at `length[b]`.
         Entries at or beyond it are stale and never attended to (attention is causal by position),
         so rolling a row back is just lowering its length.
@@ -34,12 +41,15 @@ class LayerCache:
 
     @classmethod
     def empty(cls, batch: int, max_length: int, heads: int, head_dim: int, dtype: Any):
-        zeros = jnp.zeros((batch, max_length, heads, head_dim), dtype)
-        return cls(k=zeros, v=zeros, length=jnp.zeros((batch,), jnp.int32))
+        return cls(
+            k=jnp.zeros((batch * heads, head_dim, max_length), dtype),
+            v=jnp.zeros((batch * heads, max_length, head_dim), dtype),
+            length=jnp.zeros((batch,), jnp.int32),
+        )
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[1]
+        return self.v.shape[1]
 
 
 @flax.struct.dataclass
@@ -48,7 +58,8 @@ class DecoderCache:
 
     Attributes:
       layers: L `LayerCache`s, one per decoder block.
-      cross_k, cross_v: L arrays [B, S, H, Dh], cross-attention K/V from the encoder output,
+      cross_k, cross_v: L arrays, keys [B*H, Dh, S] and values [B*H, S, Dh] (the layouts of
+        `LayerCache`), cross-attention K/V from the encoder output,
         computed once per input.
       encoder_mask: bool[B, S], True for real source tokens.
       cross_ready: bool[L] whether each block's cross_k/cross_v hold their values yet (a
@@ -93,9 +104,36 @@ def write_positions(
     B, Q = positions.shape
     # Out-of-range indices are dropped by the scatter, which is how padding writes nothing.
     index = jnp.where(valid, positions, layer.max_length)
-    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, Q))
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, Q))
+    where = jnp.stack([rows, index.astype(jnp.int32)], axis=-1)  # [B, Q, 2]: (row, position)
     return LayerCache(
-        k=layer.k.at[rows, index].set(k.astype(layer.k.dtype), mode="drop"),
-        v=layer.v.at[rows, index].set(v.astype(layer.v.dtype), mode="drop"),
+        k=_write(layer.k, where, k, position_axis=3),
+        v=_write(layer.v, where, v, position_axis=2),
         length=layer.length + num_new.astype(jnp.int32),
     )
+
+
+def _write(cache: Array, where: Array, updates: Array, *, position_axis: int) -> Array:
+    """Scatters [B, Q, H, Dh] updates into a cache at (row, position) pairs `where` [B, Q, 2].
+
+    The cache is viewed as [B, H, Dh, T] (keys, `position_axis` 3) or [B, H, T, Dh] (values,
+    2); the window is (heads, head dimension), in that order in both. Spelled out rather than
+    `cache.at[rows, :, index]`, which JAX lowers by transposing the whole cache to put the
+    indexed axes first, and back again.
+    """
+    B, _, H, _ = updates.shape
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(2, 3),
+        inserted_window_dims=(0, position_axis),
+        scatter_dims_to_operand_dims=(0, position_axis),
+    )
+    written = jax.lax.scatter(
+        cache.reshape(B, H, *cache.shape[1:]),
+        where,
+        updates.astype(cache.dtype),
+        dims,
+        indices_are_sorted=True,
+        unique_indices=False,
+        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+    )
+    return written.reshape(cache.shape)

@@ -118,19 +118,35 @@ def attend(q: Array, k: Array, v: Array, bias: Array | None, mask: Array) -> Arr
     """Scaled-free dot-product attention (T5 folds the 1/sqrt(Dh) into the initialisation).
 
     Args:
-      q: [B, Q, H, Dh]; k, v: [B, T, H, Dh].
+      q: [B, Q, H, Dh].
+      k: [B*H, Dh, T] keys, transposed; v: [B*H, T, Dh] values, with (row, head) pairs
+        row-major on the first axis (the decoder cache's layouts, see
+        `free_jax.models.kv_cache.LayerCache`; `cache_layout` makes them).
       bias: float32, broadcastable to [B, H, Q, T], or None.
       mask: bool, broadcastable to [B, H, Q, T]; False keys are ignored.
 
     Returns:
       [B, Q, H, Dh] in the dtype of `v`.
     """
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_F32)
+    B, Q, H, Dh = q.shape
+    T = v.shape[1]
+    q = jnp.transpose(q, (0, 2, 1, 3)).reshape(B * H, Q, Dh)
+    logits = jnp.einsum("nqd,ndk->nqk", q, k, preferred_element_type=_F32).reshape(B, H, Q, T)
     if bias is not None:
         logits = logits + bias
     logits = jnp.where(mask, logits, jnp.finfo(_F32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B * H, Q, T)
+    out = jnp.einsum("nqk,nkd->nqd", weights, v).reshape(B, H, Q, Dh)
+    return jnp.transpose(out, (0, 2, 1, 3))
+
+
+def cache_layout(k: Array, v: Array) -> tuple[Array, Array]:
+    """Keys and values [B, T, H, Dh] in `attend`'s layouts: [B*H, Dh, T] and [B*H, T, Dh]."""
+    B, T, H, Dh = k.shape
+    return (
+        jnp.transpose(k, (0, 2, 3, 1)).reshape(B * H, Dh, T),
+        jnp.transpose(v, (0, 2, 1, 3)).reshape(B * H, T, Dh),
+    )
 
 
 def merge_heads(x: Array) -> Array:

@@ -44,6 +44,7 @@ from free_jax.models.layers import (  # noqa: F401 - part of this module's inter
     Params,
     activation,
     attend,
+    cache_layout,
     embed,
     feed_forward,
     merge_heads,
@@ -229,7 +230,7 @@ def encode(params: Params, config: T5Config, input_ids: Array, attention_mask: A
         h = rms_norm(x, block["self_attn_norm"], eps)
         a = block["self_attn"]
         q, k, v = (split_heads(h @ a[n], config) for n in ("q", "k", "v"))
-        x = x + merge_heads(attend(q, k, v, bias, mask)) @ a["o"]
+        x = x + merge_heads(attend(q, *cache_layout(k, v), bias, mask)) @ a["o"]
         x = x + feed_forward(block["ffn"], rms_norm(x, block["ffn_norm"], eps), config)
     return rms_norm(x, enc["final_norm"], eps)
 
@@ -269,7 +270,8 @@ def init_decoder_cache(
         if i < cross_layers:
             k, v = _cross_kv(block, config, encoder_output)
         else:
-            k = v = jnp.zeros((B, S, config.num_heads, config.d_kv), dtype)
+            k = jnp.zeros((B * config.num_heads, config.d_kv, S), dtype)
+            v = jnp.zeros((B * config.num_heads, S, config.d_kv), dtype)
         cross_k.append(k)
         cross_v.append(v)
     return DecoderCache(
@@ -283,7 +285,7 @@ def init_decoder_cache(
 
 def _cross_kv(block: Params, config: T5Config, encoder_output: Array) -> tuple[Array, Array]:
     ca = block["cross_attn"]
-    return (
+    return cache_layout(
         split_heads(encoder_output @ ca["k"], config),
         split_heads(encoder_output @ ca["v"], config),
     )
@@ -365,7 +367,7 @@ def decoder_blocks(
         num_new = jnp.full((B,), Q, jnp.int32)
     offsets = cache.layers[start].length  # [B]
     query_pos = offsets[:, None] + jnp.arange(Q, dtype=jnp.int32)[None, :]  # [B, Q]
-    max_len = cache.layers[start].k.shape[1]
+    max_len = cache.layers[start].max_length
     key_pos = jnp.arange(max_len, dtype=jnp.int32)  # [T]
     self_bias = relative_bias(
         params["decoder"]["rel_bias"], query_pos, key_pos, bidirectional=False, config=config
