@@ -209,6 +209,21 @@ def test_changing_the_threshold_does_not_recompile(model, batch):
     assert decoding.free_decode._cache_size() == before
 
 
+@pytest.mark.parametrize("mode", ["default", "exact"])
+def test_another_batch_of_the_same_shape_does_not_recompile(model, batch, mode):
+    """Other tokens, other row lengths, another threshold: the same compiled loop."""
+    _free(model, batch, 0.5, mode=mode)
+    before = decoding.free_decode._cache_size()
+    ids, mask = batch
+    other_ids = testing.random_ids(ids.shape, seed=21)
+    for lengths, threshold in (([3, 11, 6, 9], 0.4), ([11, 11, 11, 11], 0.8)):
+        other_mask = (np.arange(ids.shape[1])[None, :] < np.array(lengths)[:, None]).astype(
+            np.int32
+        )
+        _free(model, (np.where(other_mask == 1, other_ids, 0), other_mask), threshold, mode=mode)
+    assert decoding.free_decode._cache_size() == before
+
+
 def test_agreement_data_covers_what_deep_passes_saw(model, batch):
     ids, mask = batch
     threshold = float(np.quantile(_confidences(model, batch), 0.5))
