@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import free_jax
 from free_jax import decoding, testing
+from free_jax.decoding import spd
 from free_jax.errors import InputError
 from free_jax.models import t5
 
@@ -181,6 +182,36 @@ def test_batch_equals_rows_decoded_alone(model, batch, mode):
         np.testing.assert_array_equal(alone.tokens[0], together.tokens[b])
         if mode == "default":  # exact mode verifies every row at each pass: exits may differ
             np.testing.assert_array_equal(alone.exited[0], together.exited[b])
+
+
+def test_row_compacted_passes_keep_every_invariant(model):
+    """Batch 8 passes run at 2 gathered rows or all 8 (`spd.row_buckets`). Thresholds that send
+    no row, few rows and every row into passes: the batch equals each row alone (default
+    mode), exact mode equals full greedy, threshold 1 equals full, and both row counts ran."""
+    B, S = 8, 11
+    # Reversed, so that the rows which need the deep blocks most are not the first ones (a
+    # pass that gathered rows 0 and 1 whatever the rows taking part would pass otherwise).
+    ids = testing.random_ids((B, S), seed=31)[::-1]
+    lengths = np.array([11, 4, 9, 2, 11, 7, 5, 10])[::-1]
+    mask = (np.arange(S)[None, :] < lengths[:, None]).astype(np.int32)
+    batch = (np.where(mask == 1, ids, 0), mask)
+    assert spd.row_buckets(B) == (2, B)
+    full = free_jax.decode(model, batch[0], attention_mask=mask, max_new_tokens=T)
+    conf = _confidences(model, batch)
+    pass_rows = []
+    for threshold in (0.0, float(np.quantile(conf, 0.2)), float(np.quantile(conf, 0.6)), 1.0):
+        together = _free(model, batch, threshold)
+        pass_rows.extend(together.deep_pass_rows.tolist())
+        for b in range(B):
+            n = lengths[b]
+            alone = _free(model, (ids[b : b + 1, :n], mask[b : b + 1, :n]), threshold)
+            np.testing.assert_array_equal(alone.tokens[0], together.tokens[b])
+            np.testing.assert_array_equal(alone.exited[0], together.exited[b])
+        exact = _free(model, batch, threshold, mode="exact")
+        np.testing.assert_array_equal(exact.tokens, full.tokens)
+        if threshold == 1.0:
+            np.testing.assert_array_equal(together.tokens, full.tokens)
+    assert min(pass_rows) <= 2 < max(pass_rows)  # both the gathered and the whole-batch pass
 
 
 def test_min_new_tokens_holds_for_both_exits(model, batch):

@@ -7,7 +7,10 @@ confidences and no weights:
   confidence float32[B], cache)` runs the shallow blocks `[0, L_s)` over one position per row (at
   the row's own position; inactive rows write nothing) and scores its exit.
 * `deep_fn(cache, queries [B, Q, D], num_new int32[B]) -> (hidden [B, Q, D], cache)` runs the
-  deep blocks `[L_s, L)` over the first `num_new[b]` of Q queued shallow states per row.
+  deep blocks `[L_s, L)` over the first `num_new[b]` of Q queued shallow states per row. With
+  `row_buckets`, it is also called as `deep_fn(cache, queries [R, Q, D], num_new int32[R],
+  rows int32[R])` for R < B distinct rows (those taking part, then idle rows with `num_new`
+  0), and must then run and update those rows of the cache only.
 * `head_fn(hidden [B, ..., D]) -> logits [B, ..., V]`, the exit head after the deep blocks. It is
   separate because it is costly (a [D, V] product per position): the default mode needs it only
   at each row's current token, unless the pending tokens' agreement data are asked for.
@@ -22,8 +25,9 @@ buffer of capacity K, leaving the deep KV cache behind. When any row does not ex
 serves every such row: the deep blocks run once over `[pending..., current]`, which writes the deep
 KV for all of them (exactly what the full model computes, since the pending tokens ran the real
 shallow blocks) and clears the buffer. Its cost follows the longest queue, not K: the pass is one of
-a few static query-block sizes chosen at run time. A full buffer forces a deep pass; a capacity
-of T (`free_jax.decode`'s default) never fills, as the paper's unbounded buffer.
+a few static query-block sizes chosen at run time, and (with `row_buckets`) over only the rows
+that take part, gathered into one of a few static row counts. A full buffer forces a deep pass;
+a capacity of T (`free_jax.decode`'s default) never fills, as the paper's unbounded buffer.
 
 Shallow steps run in a tight inner loop (decide, then act with masked updates), which stops at
 the step that needs a deep pass; that pass is the loop's only conditional.
@@ -210,6 +214,22 @@ def query_buckets(capacity: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def row_buckets(batch: int) -> tuple[int, ...]:
+    """Static row counts of a deep pass at batch size `batch`: 2, 8, 32, ... below the batch,
+    then the batch. A pass gathers the rows taking part (padded with idle rows to the smallest
+    count that holds them), so its cost follows them, not the batch: at the demo's threshold
+    1.1-2.2 rows take part in a pass at batch 8-32. Few counts, because each (rows, query size)
+    pair is one more compiled copy of the deep blocks. No single-row pass: XLA turns its
+    one-row cache write into a dynamic-update-slice that copies the whole deep cache (demo,
+    batch 8: FREE at 0.61-0.63x of full decoding with a 1-row pass, 1.09-1.18x with 2 rows,
+    0.79-0.84x without gathering)."""
+    sizes, r = [], 2
+    while r < batch:
+        sizes.append(r)
+        r *= 4
+    return (*sizes, batch)
+
+
 def buffer_size(capacity: int, max_wait: int = 0, wait_mode: str = "hold") -> int:
     """Pending states a row's buffer holds: K, plus room for drafts and the exits after them
     with "draft" waiting."""
@@ -261,6 +281,7 @@ def spd_search(
     max_wait: int = 0,
     wait_mode: str = "hold",
     prepare_fn: Callable[[Any], Any] | None = None,
+    row_buckets: Sequence[int] | None = None,
 ) -> SpdResult:
     """FREE's synchronized parallel greedy decoding in one `lax.while_loop`.
 
@@ -284,6 +305,8 @@ def spd_search(
         docstring).
       wait_mode: "hold" or "draft", how a row waits (see the module docstring).
       prepare_fn: run on the cache before each deep pass (see the module docstring).
+      row_buckets: static row counts a deep pass may run at (rising, the last `batch_size`);
+        default `(batch_size,)`: every pass runs all rows (see `row_buckets`).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; valid: {MODES}.")
@@ -303,6 +326,9 @@ def spd_search(
     buckets = tuple(buckets or query_buckets(widest - 1))
     if buckets[-1] < widest:
         raise ValueError(f"the largest deep-pass size {buckets[-1]} is below {widest}.")
+    rows = tuple(row_buckets or (batch_size,))
+    if rows[0] < 1 or rows[-1] != batch_size or list(rows) != sorted(set(rows)):
+        raise ValueError(f"row_buckets={rows} must rise from >= 1 to the batch, {batch_size}.")
     loop = _Loop(
         shallow_fn=shallow_fn,
         deep_fn=deep_fn,
@@ -317,6 +343,7 @@ def spd_search(
         K_rule=buffer_capacity,
         hidden_dtype=hidden_dtype,
         buckets=buckets,
+        row_buckets=rows,
         max_steps=max_loop_steps(T, K, mode, max_wait),
         start_id=start_id,
         eos_id=eos_id,
@@ -369,6 +396,7 @@ class _Loop:
     K_rule: int
     hidden_dtype: Any
     buckets: tuple[int, ...]
+    row_buckets: tuple[int, ...]
     max_steps: int
     start_id: int
     eos_id: int
@@ -598,8 +626,11 @@ class _Loop:
         return queries, positions, drafts
 
     def run_deep(self, s, queries, positions, drafts, num_new):
-        """Runs the deep blocks at the smallest static size that fits the widest queue (one
-        in-place conditional per size: a `lax.switch` would copy the caches).
+        """Runs the deep blocks over the rows taking part (`num_new > 0`), at the smallest
+        static row count (`row_buckets`) and query size (`buckets`) that hold them: fewer rows
+        than the batch are gathered (those taking part first, then idle ones), and only their
+        results are put back. One in-place conditional per (rows, size) pair: a `lax.switch`
+        would copy the caches.
 
         Returns (deep tokens int32[B, K+1] (padding where not computed), rollback margins
         float32[B, K+1], the cache, the pass width)."""
@@ -607,33 +638,62 @@ class _Loop:
         count = s.pending_count
         every_slot = self.verifies or self.record_agreement
         no_margin = jnp.zeros((B, K + 1), jnp.float32)
+        no_tokens = jnp.full((B, K + 1), self.pad_id, jnp.int32)
+        taking_part = num_new > 0
+        order = jnp.argsort(~taking_part, stable=True).astype(jnp.int32)
 
-        def run(q: int, cache):
-            hidden, cache = self.deep_fn(cache, queries[:, :q], num_new)  # [B, q, D]
+        def run(r: int, q: int, cache):
+            if r == B:
+                rows = None
+                hidden, cache = self.deep_fn(cache, queries[:, :q], num_new)  # [B, q, D]
+            else:
+                rows = jnp.sort(order[:r])  # ascending: the cache writes stay sorted
+                hidden, cache = self.deep_fn(cache, queries[rows, :q], num_new[rows], rows)
+
+            def pick(x):  # [B, ...] -> the pass's rows
+                return x if rows is None else x[rows]
+
+            def put(into, part):  # the pass's rows -> [B, ...]
+                return part if rows is None else into.at[rows].set(part, unique_indices=True)
+
             pad = ((0, 0), (0, K + 1 - q))
             if every_slot:
-                logits = self._suppress_eos(self.head_fn(hidden), positions[:, :q])
-                tokens = greedy_token(logits)
+                logits = self._suppress_eos(self.head_fn(hidden), pick(positions)[:, :q])
+                tokens = jnp.pad(greedy_token(logits), pad, constant_values=self.pad_id)
                 margin = no_margin
                 if self.mode == "rollback":  # p_deep(argmax) - p_deep(draft), per slot
                     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-                    drafted = jnp.take_along_axis(probs, drafts[:, :q, None], axis=-1)
-                    margin = jnp.pad(jnp.max(probs, axis=-1) - drafted[..., 0], pad)
-                return jnp.pad(tokens, pad, constant_values=self.pad_id), margin, cache
+                    drafted = jnp.take_along_axis(probs, pick(drafts)[:, :q, None], axis=-1)
+                    gap = jnp.pad(jnp.max(probs, axis=-1) - drafted[..., 0], pad)
+                    margin = put(no_margin, gap)
+                return put(no_tokens, tokens), margin, cache
             # Only the current token's deep prediction is used: one head row per row.
-            at = jnp.minimum(count, q - 1)[:, None, None]
-            current = jnp.take_along_axis(hidden, at, axis=1)[:, 0]  # [B, D]
-            logits = self._suppress_eos(self.head_fn(current), s.position)
-            token = greedy_token(logits)
+            at = jnp.minimum(pick(count), q - 1)[:, None, None]
+            current = jnp.take_along_axis(hidden, at, axis=1)[:, 0]  # [r, D]
+            logits = self._suppress_eos(self.head_fn(current), pick(s.position))
+            token = put(jnp.zeros((B,), jnp.int32), greedy_token(logits))
             tokens = jnp.where(self.slots[None, :] == count[:, None], token[:, None], self.pad_id)
             return tokens, no_margin, cache
 
         width = jnp.max(num_new)
         bucket = jnp.searchsorted(jnp.asarray(self.buckets, jnp.int32), width, side="left")
+        num_rows = jnp.sum(taking_part, dtype=jnp.int32)
+        rows_bucket = jnp.searchsorted(
+            jnp.asarray(self.row_buckets, jnp.int32), num_rows, side="left"
+        )
         cache = s.cache if self.prepare_fn is None else self.prepare_fn(s.cache)
-        out = (jnp.full((B, K + 1), self.pad_id, jnp.int32), no_margin, cache)
-        for i, q in enumerate(self.buckets):
-            out = run_if(bucket == i, lambda c, q=q: run(q, c[2]), out)
+        out = (no_tokens, no_margin, cache)
+
+        # A conditional per row count, and in it one per query size: one flat chain of
+        # (rows x sizes) conditionals made XLA keep another copy of the caches (temporary
+        # memory 16.3 -> 32.9 MiB at batch 8 on the demo model; nested: 19.7 MiB).
+        def sized(c, r: int):
+            for j, q in enumerate(self.buckets):
+                c = run_if(bucket == j, lambda c, q=q: run(r, q, c[2]), c)
+            return c
+
+        for i, r in enumerate(self.row_buckets):
+            out = run_if(rows_bucket == i, lambda c, r=r: sized(c, r), out)
         return (*out, width)
 
     def flush(self, s: SpdState, d: _Decision, takes_part: Array, current_deep: Array):

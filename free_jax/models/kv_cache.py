@@ -92,36 +92,54 @@ def write_positions(
     positions: Array,
     valid: Array,
     num_new: Array,
+    rows: Array | None = None,
 ) -> LayerCache:
     """Writes Q new keys/values per row at the given absolute positions.
 
     Args:
-      k, v: [B, Q, H, Dh].
-      positions: int32[B, Q] absolute position of each new entry.
-      valid: bool[B, Q]; invalid entries (padding of a ragged block) are not written.
-      num_new: int32[B] valid entries per row; the row's length grows by this much.
+      k, v: [R, Q, H, Dh].
+      positions: int32[R, Q] absolute position of each new entry.
+      valid: bool[R, Q]; invalid entries (padding of a ragged block) are not written.
+      num_new: int32[R] valid entries per row; the row's length grows by this much.
+      rows: int32[R], ascending: the cache rows written (default: all B, in order).
     """
-    B, Q = positions.shape
+    R, Q = positions.shape
     # Out-of-range indices are dropped by the scatter, which is how padding writes nothing.
     index = jnp.where(valid, positions, layer.max_length)
-    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, Q))
-    where = jnp.stack([rows, index.astype(jnp.int32)], axis=-1)  # [B, Q, 2]: (row, position)
+    ids = jnp.arange(R, dtype=jnp.int32) if rows is None else rows.astype(jnp.int32)
+    ids = jnp.broadcast_to(ids[:, None], (R, Q))
+    where = jnp.stack([ids, index.astype(jnp.int32)], axis=-1)  # [R, Q, 2]: (row, position)
+    num_new = num_new.astype(jnp.int32)
     return LayerCache(
         k=_write(layer.k, where, k, position_axis=3),
         v=_write(layer.v, where, v, position_axis=2),
-        length=layer.length + num_new.astype(jnp.int32),
+        length=layer.length + num_new
+        if rows is None
+        else layer.length.at[rows].add(num_new, unique_indices=True),
+    )
+
+
+def take_rows(x: Array, rows: Array, heads: int) -> Array:
+    """Rows `rows` (int32[R]) of a cache array in `LayerCache`'s layouts, [B*H, ...] ->
+    [R*H, ...]: what attention over a subset of the batch reads."""
+    # One contiguous slice per row (the form measured): the compiled gather came with
+    # transposed copies of whole cross-attention K/V arrays.
+    starts = rows.astype(jnp.int32) * heads
+    return jnp.concatenate(
+        [jax.lax.dynamic_slice_in_dim(x, starts[r], heads, axis=0) for r in range(rows.shape[0])]
     )
 
 
 def _write(cache: Array, where: Array, updates: Array, *, position_axis: int) -> Array:
-    """Scatters [B, Q, H, Dh] updates into a cache at (row, position) pairs `where` [B, Q, 2].
+    """Scatters [R, Q, H, Dh] updates into a cache at (row, position) pairs `where` [R, Q, 2].
 
     The cache is viewed as [B, H, Dh, T] (keys, `position_axis` 3) or [B, H, T, Dh] (values,
     2); the window is (heads, head dimension), in that order in both. Spelled out rather than
     `cache.at[rows, :, index]`, which JAX lowers by transposing the whole cache to put the
     indexed axes first, and back again.
     """
-    B, _, H, _ = updates.shape
+    H = updates.shape[2]
+    B = cache.shape[0] // H
     dims = jax.lax.ScatterDimensionNumbers(
         update_window_dims=(2, 3),
         inserted_window_dims=(0, position_axis),

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from free_jax.models import longt5
 from free_jax.models.config import T5Config
 from free_jax.models.inplace import run_if
-from free_jax.models.kv_cache import DecoderCache, LayerCache, write_positions
+from free_jax.models.kv_cache import DecoderCache, LayerCache, take_rows, write_positions
 from free_jax.models.layers import (  # noqa: F401 - part of this module's interface
     Array,
     Params,
@@ -342,6 +342,7 @@ def decoder_blocks(
     start: int,
     stop: int,
     num_new: Array | None = None,
+    rows: Array | None = None,
     return_block_states: bool = False,
 ) -> SegmentOutput:
     """Runs decoder blocks `[start, stop)` over Q new positions per example.
@@ -356,6 +357,9 @@ def decoder_blocks(
       hidden: [B, Q, D] input residual stream (token embeddings when `start == 0`).
       start, stop: static block range, 0 <= start < stop <= L.
       num_new: int32[B], real positions per row (default: all Q).
+      rows: int32[R], distinct: run over these rows of the cache only, with `hidden` [R, Q, D]
+        and `num_new` int32[R] (FREE's deep pass over the rows that need it). Their new K/V are
+        written into the full cache; attention reads the R rows' entries, gathered.
       return_block_states: also return every block's output (training, analysis, parity).
     """
     L = config.num_decoder_layers
@@ -365,7 +369,15 @@ def decoder_blocks(
     eps = config.layer_norm_epsilon
     if num_new is None:
         num_new = jnp.full((B,), Q, jnp.int32)
+    H = config.num_heads
+
+    def part(x: Array) -> Array:  # a [B*H, ...] cache array, as the rows taking part see it
+        return x if rows is None else take_rows(x, rows, H)
+
     offsets = cache.layers[start].length  # [B]
+    encoder_mask = cache.encoder_mask
+    if rows is not None:
+        offsets, encoder_mask = offsets[rows], encoder_mask[rows]
     query_pos = offsets[:, None] + jnp.arange(Q, dtype=jnp.int32)[None, :]  # [B, Q]
     max_len = cache.layers[start].max_length
     key_pos = jnp.arange(max_len, dtype=jnp.int32)  # [T]
@@ -373,7 +385,7 @@ def decoder_blocks(
         params["decoder"]["rel_bias"], query_pos, key_pos, bidirectional=False, config=config
     )  # [B, H, Q, T]
     causal = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]  # [B, 1, Q, T]
-    cross_mask = cache.encoder_mask[:, None, None, :]  # [B, 1, 1, S]
+    cross_mask = encoder_mask[:, None, None, :]  # [B, 1, 1, S]
     valid = jnp.arange(Q)[None, :] < num_new[:, None]  # [B, Q]
 
     layers = list(cache.layers)
@@ -385,14 +397,14 @@ def decoder_blocks(
         h = rms_norm(x, block["self_attn_norm"], eps)
         sa = block["self_attn"]
         q, k, v = _self_attention_qkv(sa, h, config)
-        layers[i] = write_positions(layers[i], k, v, query_pos, valid, num_new)
-        attn = attend(q, layers[i].k, layers[i].v, self_bias, causal)
+        layers[i] = write_positions(layers[i], k, v, query_pos, valid, num_new, rows)
+        attn = attend(q, part(layers[i].k), part(layers[i].v), self_bias, causal)
         x = x + merge_heads(attn) @ sa["o"]
         # Cross-attention over the encoder output (no position bias in T5).
         h = rms_norm(x, block["cross_attn_norm"], eps)
         ca = block["cross_attn"]
         q = split_heads(h @ ca["q"], config)
-        attn = attend(q, cache.cross_k[i], cache.cross_v[i], None, cross_mask)
+        attn = attend(q, part(cache.cross_k[i]), part(cache.cross_v[i]), None, cross_mask)
         x = x + merge_heads(attn) @ ca["o"]
         x = x + feed_forward(block["ffn"], rms_norm(x, block["ffn_norm"], eps), config)
         if return_block_states:

@@ -122,8 +122,10 @@ def free_decode(
         score = exit_confidence(confidence, params, config, logits, hidden, before)
         return logits, hidden, score, out.cache
 
-    def deep_fn(cache, queries, num_new):
-        out = t5.decoder_blocks(params, config, cache, queries, start=Ls, stop=L, num_new=num_new)
+    def deep_fn(cache, queries, num_new, rows=None):
+        out = t5.decoder_blocks(
+            params, config, cache, queries, start=Ls, stop=L, num_new=num_new, rows=rows
+        )
         return out.hidden, out.cache
 
     result = spd.spd_search(
@@ -148,6 +150,7 @@ def free_decode(
         max_wait=max_wait,
         wait_mode=wait_mode,
         prepare_fn=prepare_fn,
+        row_buckets=spd.row_buckets(B),
     )
     return result if keep_cache else result.replace(cache=None)
 
