@@ -9,8 +9,8 @@ confidences and no weights:
 * `deep_fn(cache, queries [B, Q, D], num_new int32[B]) -> (hidden [B, Q, D], cache)` runs the
   deep blocks `[L_s, L)` over the first `num_new[b]` of Q queued shallow states per row. With
   `row_buckets`, it is also called as `deep_fn(cache, queries [R, Q, D], num_new int32[R],
-  rows int32[R])` for R < B distinct rows (those taking part, then idle rows with `num_new`
-  0), and must then run and update those rows of the cache only.
+  rows int32[R])` for R < B distinct rows in ascending order (those taking part, and idle rows
+  with `num_new` 0 to make up R), and must then run and update those rows of the cache only.
 * `head_fn(hidden [B, ..., D]) -> logits [B, ..., V]`, the exit head after the deep blocks. It is
   separate because it is costly (a [D, V] product per position): the default mode needs it only
   at each row's current token, unless the pending tokens' agreement data are asked for.

@@ -357,7 +357,7 @@ def decoder_blocks(
       hidden: [B, Q, D] input residual stream (token embeddings when `start == 0`).
       start, stop: static block range, 0 <= start < stop <= L.
       num_new: int32[B], real positions per row (default: all Q).
-      rows: int32[R], distinct: run over these rows of the cache only, with `hidden` [R, Q, D]
+      rows: int32[R], ascending: run over these rows of the cache only, with `hidden` [R, Q, D]
         and `num_new` int32[R] (FREE's deep pass over the rows that need it). Their new K/V are
         written into the full cache; attention reads the R rows' entries, gathered.
       return_block_states: also return every block's output (training, analysis, parity).
