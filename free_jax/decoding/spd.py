@@ -628,9 +628,9 @@ class _Loop:
     def run_deep(self, s, queries, positions, drafts, num_new):
         """Runs the deep blocks over the rows taking part (`num_new > 0`), at the smallest
         static row count (`row_buckets`) and query size (`buckets`) that hold them: fewer rows
-        than the batch are gathered (those taking part first, then idle ones), and only their
-        results are put back. One in-place conditional per (rows, size) pair: a `lax.switch`
-        would copy the caches.
+        than the batch are gathered (those taking part, made up with idle ones, in ascending
+        order), and only their results are put back. In-place conditionals, one per row count
+        with one per query size inside it: a `lax.switch` would copy the caches.
 
         Returns (deep tokens int32[B, K+1] (padding where not computed), rollback margins
         float32[B, K+1], the cache, the pass width)."""
