@@ -25,8 +25,8 @@ V, EOS, PAD, START = 8, 1, 0, 0
 def scripted(S, C, D):
     """(shallow_fn, deep_fn, head_fn, truncate_fn, cache) for scripted tables [B, T].
 
-    Hidden states are [position, shallow token]: the deep "blocks" pass them through and the deep
-    head reads D at the position.
+    Hidden states are [position, shallow token, row]: the deep "blocks" pass them through and the
+    deep head reads D at the row and position.
     """
     S, C, D = (jnp.asarray(x) for x in (S, C, D))
     B, T = S.shape
@@ -35,36 +35,40 @@ def scripted(S, C, D):
         deep_len=jnp.zeros((B,), jnp.int32),
         deep_seen=jnp.zeros((B, T), jnp.int32),  # deep passes that saw each position
         in_order=jnp.ones((), bool),  # every query sat at deep_len + j, in order
-        largest_pass=jnp.zeros((), jnp.int32),
+        largest_pass=jnp.zeros((), jnp.int32),  # widest query block of a deep call
+        largest_call=jnp.zeros((), jnp.int32),  # most positions (rows x queries) of a call
     )
     rows = jnp.arange(B)
 
     def shallow_fn(cache, tokens, active):
         pos = jnp.minimum(cache["shallow_len"], T - 1)
         logits = jax.nn.one_hot(S[rows, pos], V) * 10.0
-        hidden = jnp.stack([pos.astype(jnp.float32), S[rows, pos].astype(jnp.float32)], -1)
+        hidden = jnp.stack([pos, S[rows, pos], rows], -1).astype(jnp.float32)
         cache = {**cache, "shallow_len": cache["shallow_len"] + active.astype(jnp.int32)}
         return logits, hidden, C[rows, pos], cache
 
-    def deep_fn(cache, queries, num_new):
+    def deep_fn(cache, queries, num_new, part=None):
+        # `part`: the rows a compacted pass runs over (ascending); default all of them.
+        part = rows if part is None else part
         Q = queries.shape[1]
-        qpos = queries[..., 0].astype(jnp.int32)  # [B, Q]
+        qpos = queries[..., 0].astype(jnp.int32)  # [R, Q]
         valid = jnp.arange(Q)[None, :] < num_new[:, None]
-        expected = cache["deep_len"][:, None] + jnp.arange(Q)[None, :]
+        expected = cache["deep_len"][part][:, None] + jnp.arange(Q)[None, :]
         in_order = cache["in_order"] & jnp.all(jnp.where(valid, qpos == expected, True))
-        seen = cache["deep_seen"].at[rows[:, None], jnp.where(valid, qpos, T)].add(1, mode="drop")
+        seen = cache["deep_seen"].at[part[:, None], jnp.where(valid, qpos, T)].add(1, mode="drop")
         cache = {
             **cache,
-            "deep_len": cache["deep_len"] + num_new,
+            "deep_len": cache["deep_len"].at[part].add(num_new),
             "deep_seen": seen,
             "in_order": in_order,
             "largest_pass": jnp.maximum(cache["largest_pass"], Q),
+            "largest_call": jnp.maximum(cache["largest_call"], Q * part.shape[0]),
         }
         return queries, cache
 
-    def head_fn(hidden):
-        pos = jnp.clip(hidden[..., 0].astype(jnp.int32), 0, T - 1)  # [B, ...]
-        row = rows.reshape((B,) + (1,) * (pos.ndim - 1))
+    def head_fn(hidden):  # [R, ..., 3] for any R rows (a compacted pass gathers some)
+        pos = jnp.clip(hidden[..., 0].astype(jnp.int32), 0, T - 1)
+        row = hidden[..., 2].astype(jnp.int32)
         return jax.nn.one_hot(D[row, pos], V) * 10.0
 
     def truncate_fn(cache, lengths):
@@ -79,10 +83,31 @@ def scripted(S, C, D):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("K", "mode", "record_agreement", "margin", "max_wait", "wait_mode"),
+    static_argnames=(
+        "K",
+        "mode",
+        "record_agreement",
+        "margin",
+        "max_wait",
+        "wait_mode",
+        "row_buckets",
+        "chunk_positions",
+    ),
 )
 def run(
-    S, C, D, threshold, *, K, mode, record_agreement=True, margin=0.0, max_wait=0, wait_mode="hold"
+    S,
+    C,
+    D,
+    threshold,
+    *,
+    K,
+    mode,
+    record_agreement=True,
+    margin=0.0,
+    max_wait=0,
+    wait_mode="hold",
+    row_buckets=None,
+    chunk_positions=None,
 ):
     shallow_fn, deep_fn, head_fn, truncate_fn, cache = scripted(S, C, D)
     B, T = S.shape
@@ -94,7 +119,7 @@ def run(
         cache,
         threshold,
         batch_size=B,
-        hidden_size=2,
+        hidden_size=3,
         hidden_dtype=jnp.float32,
         max_new_tokens=T,
         buffer_capacity=K,
@@ -106,6 +131,8 @@ def run(
         rollback_margin=margin,
         max_wait=max_wait,
         wait_mode=wait_mode,
+        row_buckets=row_buckets,
+        chunk_positions=chunk_positions,
     )
 
 
@@ -357,3 +384,50 @@ def test_waiting_rows_share_one_pass():
     assert int(eager.num_deep_passes) == 8
     assert int(patient.num_deep_passes) < int(eager.num_deep_passes)
     np.testing.assert_array_equal(np.asarray(patient.tokens), np.asarray(eager.tokens))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    threshold=st.floats(0.0, 1.0),
+    K=st.sampled_from([3, 8]),
+    mode=st.sampled_from(spd.MODES),
+    chunk=st.sampled_from([1, 2, 4]),
+    record_agreement=st.booleans(),
+)
+def test_windowed_passes_over_gathered_rows_change_nothing(
+    seed, threshold, K, mode, chunk, record_agreement
+):
+    """Passes over gathered rows (row counts 2 and 4) and in query windows of at most `chunk`
+    positions per call emit what one wide call over every row emits, and every window's
+    queries sit where the deep cache expects them, in order."""
+    S, C, D = tables(seed, B=4)
+    options = dict(K=K, mode=mode, record_agreement=record_agreement)
+    wide = run(S, C, D, np.float32(threshold), **options)
+    windowed = run(
+        S, C, D, np.float32(threshold), **options, row_buckets=(2, 4), chunk_positions=chunk
+    )
+    for field in ("tokens", "lengths", "exited", "agree", "num_deep_passes", "pass_tokens"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(windowed, field)), np.asarray(getattr(wide, field)), err_msg=field
+        )
+    assert bool(windowed.cache["in_order"])
+    np.testing.assert_array_equal(windowed.cache["deep_seen"], wide.cache["deep_seen"])
+    # At most `chunk` positions per call, but always one per row (a 4-row pass at chunk 2).
+    assert int(windowed.cache["largest_call"]) <= max(chunk, 4)
+    if int(wide.cache["largest_pass"]) > chunk:
+        assert int(windowed.cache["largest_pass"]) < int(wide.cache["largest_pass"])
+
+
+def test_windows_bound_each_call_and_cover_a_wide_pass():
+    """One row exits 7 times, then needs the deep model: an 8-position pass in windows of 2
+    runs 4 calls in order and emits what one call emits."""
+    S, C, D = tables(7, B=1, T=8, eos=0.0)
+    C = np.array([[0.9] * 7 + [0.1]], np.float32)
+    wide = run(S, C, D, np.float32(0.5), K=8, mode="exact")
+    windowed = run(S, C, D, np.float32(0.5), K=8, mode="exact", chunk_positions=2)
+    assert int(wide.cache["largest_pass"]) == 8
+    assert int(windowed.cache["largest_pass"]) == 2
+    assert bool(windowed.cache["in_order"])
+    np.testing.assert_array_equal(np.asarray(windowed.tokens), np.asarray(wide.tokens))
+    np.testing.assert_array_equal(np.asarray(windowed.tokens[0]), D[0])

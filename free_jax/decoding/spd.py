@@ -230,6 +230,17 @@ def row_buckets(batch: int) -> tuple[int, ...]:
     return (*sizes, batch)
 
 
+def chunk_positions(batch: int) -> int:
+    """Most query positions (rows x query size) one deep call runs at batch size `batch`: 8 at
+    batch 1, 16 above. A wider pass runs in windows (`spd_search`'s `chunk_positions`), which
+    bounds its temporaries. Demo model, XLA's temporary and output bytes with one call over a
+    whole pass (64 buffer slots) against full decoding: 1.50x at batch 1, 1.49x at 8 and 32;
+    in windows of 8 / 16 positions (and each layer's rows gathered in turn, see
+    `t5.decoder_blocks`), 1.10x, 1.07x and 1.07x. At batch 1 the demo's caches are so small
+    (1 MiB) that 16 positions of temporaries alone are 1.17x."""
+    return 8 if batch == 1 else 16
+
+
 def buffer_size(capacity: int, max_wait: int = 0, wait_mode: str = "hold") -> int:
     """Pending states a row's buffer holds: K, plus room for drafts and the exits after them
     with "draft" waiting."""
@@ -282,6 +293,7 @@ def spd_search(
     wait_mode: str = "hold",
     prepare_fn: Callable[[Any], Any] | None = None,
     row_buckets: Sequence[int] | None = None,
+    chunk_positions: int | None = None,
 ) -> SpdResult:
     """FREE's synchronized parallel greedy decoding in one `lax.while_loop`.
 
@@ -307,6 +319,9 @@ def spd_search(
       prepare_fn: run on the cache before each deep pass (see the module docstring).
       row_buckets: static row counts a deep pass may run at (rising, the last `batch_size`);
         default `(batch_size,)`: every pass runs all rows (see `row_buckets`).
+      chunk_positions: most query positions (rows x query size) one deep call runs; a wider
+        pass runs as successive calls over windows of its slots. It bounds a pass's temporary
+        memory (default None: no bound, one call per pass).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; valid: {MODES}.")
@@ -329,6 +344,8 @@ def spd_search(
     rows = tuple(row_buckets or (batch_size,))
     if rows[0] < 1 or rows[-1] != batch_size or list(rows) != sorted(set(rows)):
         raise ValueError(f"row_buckets={rows} must rise from >= 1 to the batch, {batch_size}.")
+    if chunk_positions is not None and chunk_positions < 1:
+        raise ValueError(f"chunk_positions={chunk_positions} must be >= 1 (or None).")
     loop = _Loop(
         shallow_fn=shallow_fn,
         deep_fn=deep_fn,
@@ -344,6 +361,7 @@ def spd_search(
         hidden_dtype=hidden_dtype,
         buckets=buckets,
         row_buckets=rows,
+        chunk_positions=chunk_positions,
         max_steps=max_loop_steps(T, K, mode, max_wait),
         start_id=start_id,
         eos_id=eos_id,
@@ -397,6 +415,7 @@ class _Loop:
     hidden_dtype: Any
     buckets: tuple[int, ...]
     row_buckets: tuple[int, ...]
+    chunk_positions: int | None
     max_steps: int
     start_id: int
     eos_id: int
@@ -609,28 +628,43 @@ class _Loop:
         return s if self.drafting else s.replace(waiting=jnp.zeros_like(s.waiting))
 
     def pass_queries(self, s: SpdState, d: _Decision) -> tuple[Array, Array, Array]:
-        """The pass's queries [B, K+1, D] (pending states, then the current one at slot
-        `count`), their positions int32[B, K+1] and shallow tokens int32[B, K+1] (emitted
-        pending tokens, then the current shallow argmax)."""
+        """The pass's queries [B, S, D] (pending states, then the current one at slot `count`,
+        then padding to `query_slots`), their positions int32[B, K+1] and shallow tokens
+        int32[B, K+1] (emitted pending tokens, then the current shallow argmax)."""
         count = s.pending_count
-        queue = jnp.concatenate(
-            [s.pending_hidden, jnp.zeros((self.B, 1, self.D), self.hidden_dtype)], axis=1
-        )
-        at_count = self.slots[None, :] == count[:, None]  # [B, K+1]
+        padding = jnp.zeros((self.B, self.query_slots - self.K, self.D), self.hidden_dtype)
+        queue = jnp.concatenate([s.pending_hidden, padding], axis=1)
+        at_count = jnp.arange(self.query_slots)[None, :] == count[:, None]  # [B, S]
         queries = jnp.where(
             at_count[..., None], d.hidden[:, None, :].astype(self.hidden_dtype), queue
         )
         first = s.position - count  # [B] position of the first pending token
         positions = first[:, None] + self.slots[None, :]
-        drafts = jnp.where(at_count, d.shallow_token[:, None], _take(s.tokens, positions))
+        drafts = jnp.where(
+            at_count[:, : self.K + 1], d.shallow_token[:, None], _take(s.tokens, positions)
+        )
         return queries, positions, drafts
+
+    @property
+    def query_slots(self) -> int:
+        """S, the slots of a pass's queries: K pending states and the current one, rounded up
+        to whole windows where a pass may run in windows (see `run_deep`)."""
+        slots = self.K + 1
+        for r in self.row_buckets:
+            q = self.query_sizes(r)[-1]
+            if q < self.buckets[-1]:
+                slots = max(slots, -(-(self.K + 1) // q) * q)
+        return slots
 
     def run_deep(self, s, queries, positions, drafts, num_new):
         """Runs the deep blocks over the rows taking part (`num_new > 0`), at the smallest
         static row count (`row_buckets`) and query size (`buckets`) that hold them: fewer rows
         than the batch are gathered (those taking part, made up with idle ones, in ascending
         order), and only their results are put back. In-place conditionals, one per row count
-        with one per query size inside it: a `lax.switch` would copy the caches.
+        with one per query size inside it: a `lax.switch` would copy the caches. A pass wider
+        than a row count's largest query size (`chunk_positions`) runs as successive deep calls
+        over consecutive slot windows, in order, so each window attends to the K/V the earlier
+        ones wrote, as one wide call would.
 
         Returns (deep tokens int32[B, K+1] (padding where not computed), rollback margins
         float32[B, K+1], the cache, the pass width)."""
@@ -641,14 +675,10 @@ class _Loop:
         no_tokens = jnp.full((B, K + 1), self.pad_id, jnp.int32)
         taking_part = num_new > 0
         order = jnp.argsort(~taking_part, stable=True).astype(jnp.int32)
+        width = jnp.max(num_new)
 
-        def run(r: int, q: int, cache):
-            if r == B:
-                rows = None
-                hidden, cache = self.deep_fn(cache, queries[:, :q], num_new)  # [B, q, D]
-            else:
-                rows = jnp.sort(order[:r])  # ascending: the cache writes stay sorted
-                hidden, cache = self.deep_fn(cache, queries[rows, :q], num_new[rows], rows)
+        def run(r: int, q: int, cache, windowed: bool):
+            rows = None if r == B else jnp.sort(order[:r])  # ascending: cache writes stay sorted
 
             def pick(x):  # [B, ...] -> the pass's rows
                 return x if rows is None else x[rows]
@@ -656,27 +686,62 @@ class _Loop:
             def put(into, part):  # the pass's rows -> [B, ...]
                 return part if rows is None else into.at[rows].set(part, unique_indices=True)
 
-            pad = ((0, 0), (0, K + 1 - q))
+            # Slots in whole windows: the last window of a windowed pass may overhang (the
+            # queries have room for it, `query_slots`).
+            span = -(-(K + 1) // q) * q if windowed else K + 1
+            pass_queries = pick(queries)  # [r, S, D]
+            pass_positions = jnp.pad(pick(positions), ((0, 0), (0, span - (K + 1))))
+            pass_new, pass_count = pick(num_new), pick(count)
+
+            def window(j, carry):  # deep blocks over slots [j q, (j + 1) q)
+                cache, tokens, margin, current = carry
+                start = j * q
+                block = jax.lax.dynamic_slice_in_dim(pass_queries, start, q, axis=1)
+                new = jnp.clip(pass_new - start, 0, q)
+                args = (block, new) if rows is None else (block, new, rows)
+                hidden, cache = self.deep_fn(cache, *args)  # [r, q, D]
+                if every_slot:
+                    at = jax.lax.dynamic_slice_in_dim(pass_positions, start, q, axis=1)
+                    logits = self._suppress_eos(self.head_fn(hidden), at)
+                    tokens = jax.lax.dynamic_update_slice_in_dim(
+                        tokens, greedy_token(logits), start, axis=1
+                    )
+                    if self.mode == "rollback":  # p_deep(argmax) - p_deep(draft), per slot
+                        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+                        drafted = jax.lax.dynamic_slice_in_dim(pick(drafts), start, q, axis=1)
+                        drafted = jnp.take_along_axis(probs, drafted[..., None], axis=-1)
+                        gap = jnp.max(probs, axis=-1) - drafted[..., 0]
+                        margin = jax.lax.dynamic_update_slice_in_dim(margin, gap, start, axis=1)
+                else:  # only the current token's deep state is used
+                    local = pass_count - start
+                    inside = (local >= 0) & (local < q)
+                    at = jnp.clip(local, 0, q - 1)[:, None, None]
+                    here = jnp.take_along_axis(hidden, at, axis=1)[:, 0]  # [r, D]
+                    current = jnp.where(inside[:, None], here, current)
+                return cache, tokens, margin, current
+
+            carry = (
+                cache,
+                jnp.full((r, span), self.pad_id, jnp.int32),
+                jnp.zeros((r, span), jnp.float32),
+                jnp.zeros((r, self.D), queries.dtype),
+            )
+            if windowed:  # windows up to the widest row's last slot
+                carry = jax.lax.fori_loop(0, (width + q - 1) // q, window, carry)
+            else:
+                carry = window(0, carry)
+            cache, tokens, margin, current = carry
             if every_slot:
-                logits = self._suppress_eos(self.head_fn(hidden), pick(positions)[:, :q])
-                tokens = jnp.pad(greedy_token(logits), pad, constant_values=self.pad_id)
-                margin = no_margin
-                if self.mode == "rollback":  # p_deep(argmax) - p_deep(draft), per slot
-                    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-                    drafted = jnp.take_along_axis(probs, pick(drafts)[:, :q, None], axis=-1)
-                    gap = jnp.pad(jnp.max(probs, axis=-1) - drafted[..., 0], pad)
-                    margin = put(no_margin, gap)
-                return put(no_tokens, tokens), margin, cache
-            # Only the current token's deep prediction is used: one head row per row.
-            at = jnp.minimum(pick(count), q - 1)[:, None, None]
-            current = jnp.take_along_axis(hidden, at, axis=1)[:, 0]  # [r, D]
+                tokens = put(no_tokens, tokens[:, : K + 1])
+                if self.mode == "rollback":
+                    return tokens, put(no_margin, margin[:, : K + 1]), cache
+                return tokens, no_margin, cache
+            # One head row per row: the current token's.
             logits = self._suppress_eos(self.head_fn(current), pick(s.position))
             token = put(jnp.zeros((B,), jnp.int32), greedy_token(logits))
             tokens = jnp.where(self.slots[None, :] == count[:, None], token[:, None], self.pad_id)
             return tokens, no_margin, cache
 
-        width = jnp.max(num_new)
-        bucket = jnp.searchsorted(jnp.asarray(self.buckets, jnp.int32), width, side="left")
         num_rows = jnp.sum(taking_part, dtype=jnp.int32)
         rows_bucket = jnp.searchsorted(
             jnp.asarray(self.row_buckets, jnp.int32), num_rows, side="left"
@@ -688,13 +753,27 @@ class _Loop:
         # (rows x sizes) conditionals made XLA keep another copy of the caches (temporary
         # memory 16.3 -> 32.9 MiB at batch 8 on the demo model; nested: 19.7 MiB).
         def sized(c, r: int):
-            for j, q in enumerate(self.buckets):
-                c = run_if(bucket == j, lambda c, q=q: run(r, q, c[2]), c)
+            sizes = self.query_sizes(r)
+            bucket = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), width, side="left")
+            bucket = jnp.minimum(bucket, len(sizes) - 1)  # wider: the largest, in windows
+            for j, q in enumerate(sizes):
+                windowed = q == sizes[-1] and q < self.buckets[-1]
+                c = run_if(bucket == j, lambda c, q=q, w=windowed: run(r, q, c[2], w), c)
             return c
 
         for i, r in enumerate(self.row_buckets):
             out = run_if(rows_bucket == i, lambda c, r=r: sized(c, r), out)
         return (*out, width)
+
+    def query_sizes(self, rows: int) -> tuple[int, ...]:
+        """The query sizes of a pass over `rows` rows: `buckets`, capped so that one deep call
+        runs at most `chunk_positions` positions (at least one per row)."""
+        if self.chunk_positions is None:
+            return self.buckets
+        cap = 1
+        while cap * 2 * rows <= self.chunk_positions:
+            cap *= 2
+        return tuple(sorted({min(q, cap) for q in self.buckets}))
 
     def flush(self, s: SpdState, d: _Decision, takes_part: Array, current_deep: Array):
         """Default mode: rows in the pass flush their buffer and emit the deep token; the

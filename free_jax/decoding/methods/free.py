@@ -151,6 +151,7 @@ def free_decode(
         wait_mode=wait_mode,
         prepare_fn=prepare_fn,
         row_buckets=spd.row_buckets(B),
+        chunk_positions=spd.chunk_positions(B),
     )
     return result if keep_cache else result.replace(cache=None)
 
