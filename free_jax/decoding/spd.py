@@ -26,8 +26,10 @@ serves every such row: the deep blocks run once over `[pending..., current]`, wh
 KV for all of them (exactly what the full model computes, since the pending tokens ran the real
 shallow blocks) and clears the buffer. Its cost follows the longest queue, not K: the pass is one of
 a few static query-block sizes chosen at run time, and (with `row_buckets`) over only the rows
-that take part, gathered into one of a few static row counts. A full buffer forces a deep pass;
-a capacity of T (`free_jax.decode`'s default) never fills, as the paper's unbounded buffer.
+that take part, gathered into one of a few static row counts. With `chunk_positions`, a pass
+wider than that runs as successive deep calls over windows of its slots, in order, which bounds
+its temporary memory. A full buffer forces a deep pass; a capacity of T (`free_jax.decode`'s
+default) never fills, as the paper's unbounded buffer.
 
 Shallow steps run in a tight inner loop (decide, then act with masked updates), which stops at
 the step that needs a deep pass; that pass is the loop's only conditional.
@@ -230,15 +232,20 @@ def row_buckets(batch: int) -> tuple[int, ...]:
     return (*sizes, batch)
 
 
-def chunk_positions(batch: int) -> int:
-    """Most query positions (rows x query size) one deep call runs at batch size `batch`: 8 at
-    batch 1, 16 above. A wider pass runs in windows (`spd_search`'s `chunk_positions`), which
-    bounds its temporaries. Demo model, XLA's temporary and output bytes with one call over a
-    whole pass (64 buffer slots) against full decoding: 1.50x at batch 1, 1.49x at 8 and 32;
-    in windows of 8 / 16 positions (and each layer's rows gathered in turn, see
-    `t5.decoder_blocks`), 1.10x, 1.07x and 1.07x. At batch 1 the demo's caches are so small
-    (1 MiB) that 16 positions of temporaries alone are 1.17x."""
-    return 8 if batch == 1 else 16
+def chunk_positions(batch: int, every_position: bool = False) -> int:
+    """Most query positions (rows x query size) one deep call runs at batch size `batch`, where
+    a pass needs the deep head at `every_position` (exact and rollback modes, drafts, agreement
+    data) or only at the current token: 8 at batch 1 for the latter, else 16. A wider pass runs
+    in windows (`spd_search`'s `chunk_positions`), which bounds its temporaries.
+
+    Demo model, XLA's temporary and output bytes over full decoding's: one call over a whole
+    pass (64 buffer slots) 1.50x at batch 1 and 1.49x at 8 and 32; in windows of 16 positions
+    (and each layer's rows gathered in turn, see `t5.decoder_blocks`) 1.07x at batch 8 and 32.
+    At batch 1 the demo's caches are so small (1 MiB) that a window of 16 takes 1.17x (8:
+    1.10x). Windows of 8 cost exact mode at batch 1 a tenth of its speed-up (whole test
+    split, 1.71-1.77x -> 1.54x: its passes span 17 positions on average), the default mode
+    nothing measurable (10 positions)."""
+    return 8 if batch == 1 and not every_position else 16
 
 
 def buffer_size(capacity: int, max_wait: int = 0, wait_mode: str = "hold") -> int:

@@ -128,6 +128,9 @@ def free_decode(
         )
         return out.hidden, out.cache
 
+    drafting = wait_mode == "draft" and max_wait > 0
+    # Passes that run the deep head at every position, not only the current token.
+    every_position = mode != "default" or record_agreement or drafting
     result = spd.spd_search(
         shallow_fn,
         deep_fn,
@@ -151,7 +154,7 @@ def free_decode(
         wait_mode=wait_mode,
         prepare_fn=prepare_fn,
         row_buckets=spd.row_buckets(B),
-        chunk_positions=spd.chunk_positions(B),
+        chunk_positions=spd.chunk_positions(B, every_position=every_position),
     )
     return result if keep_cache else result.replace(cache=None)
 
