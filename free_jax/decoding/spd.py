@@ -232,6 +232,18 @@ def row_buckets(batch: int) -> tuple[int, ...]:
     return (*sizes, batch)
 
 
+def drafts(max_wait: int, wait_mode: str) -> bool:
+    """Rows needing the deep model go on from shallow drafts ("draft" waiting, `max_wait > 0`)."""
+    return wait_mode == "draft" and max_wait > 0
+
+
+def head_at_every_position(mode: str, record_agreement: bool, drafting: bool) -> bool:
+    """A deep pass runs the deep exit head at every position it sees (to verify or roll back
+    pending tokens, check drafts, or record their agreement), not only at each row's current
+    token."""
+    return mode in ("exact", "rollback") or drafting or record_agreement
+
+
 def chunk_positions(batch: int, every_position: bool = False) -> int:
     """Most query positions (rows x query size) one deep call runs at batch size `batch`, where
     a pass needs the deep head at `every_position` (exact and rollback modes, drafts, agreement
@@ -251,7 +263,7 @@ def chunk_positions(batch: int, every_position: bool = False) -> int:
 def buffer_size(capacity: int, max_wait: int = 0, wait_mode: str = "hold") -> int:
     """Pending states a row's buffer holds: K, plus room for drafts and the exits after them
     with "draft" waiting."""
-    return capacity + max_wait + 1 if wait_mode == "draft" and max_wait > 0 else capacity
+    return capacity + max_wait + 1 if drafts(max_wait, wait_mode) else capacity
 
 
 def max_loop_steps(max_new_tokens: int, capacity: int, mode: str, max_wait: int = 0) -> int:
@@ -378,7 +390,7 @@ def spd_search(
         record_agreement=record_agreement,
         rollback_margin=rollback_margin,
         max_wait=max_wait,
-        drafting=wait_mode == "draft" and max_wait > 0,
+        drafting=drafts(max_wait, wait_mode),
     )
     final = jax.lax.while_loop(loop.running, loop.body, loop.initial_state(cache))
     return SpdResult(
@@ -442,6 +454,11 @@ class _Loop:
     def verifies(self) -> bool:
         """Deep passes check pending tokens (exact, rollback, draft waiting)."""
         return self.mode in ("exact", "rollback") or self.drafting
+
+    @property
+    def every_position(self) -> bool:
+        """Deep passes run the exit head at every position (see `head_at_every_position`)."""
+        return head_at_every_position(self.mode, self.record_agreement, self.drafting)
 
     @property
     def slots(self) -> Array:
@@ -615,7 +632,7 @@ class _Loop:
         queries, positions, drafts = self.pass_queries(s, d)
         deep_tokens, margin, cache, width = self.run_deep(s, queries, positions, drafts, num_new)
         seen = self.slots[None, :] < num_new[:, None]  # [B, K+1]
-        if not (self.verifies or self.record_agreement):
+        if not self.every_position:
             seen &= self.slots[None, :] == count[:, None]
         agree = _put(s.agree, positions, (drafts == deep_tokens).astype(jnp.int8), seen)
         s = s.replace(
@@ -677,7 +694,6 @@ class _Loop:
         float32[B, K+1], the cache, the pass width)."""
         B, K = self.B, self.K
         count = s.pending_count
-        every_slot = self.verifies or self.record_agreement
         no_margin = jnp.zeros((B, K + 1), jnp.float32)
         no_tokens = jnp.full((B, K + 1), self.pad_id, jnp.int32)
         taking_part = num_new > 0
@@ -707,7 +723,7 @@ class _Loop:
                 new = jnp.clip(pass_new - start, 0, q)
                 args = (block, new) if rows is None else (block, new, rows)
                 hidden, cache = self.deep_fn(cache, *args)  # [r, q, D]
-                if every_slot:
+                if self.every_position:
                     at = jax.lax.dynamic_slice_in_dim(pass_positions, start, q, axis=1)
                     logits = self._suppress_eos(self.head_fn(hidden), at)
                     tokens = jax.lax.dynamic_update_slice_in_dim(
@@ -738,7 +754,7 @@ class _Loop:
             else:
                 carry = window(0, carry)
             cache, tokens, margin, current = carry
-            if every_slot:
+            if self.every_position:
                 tokens = put(no_tokens, tokens[:, : K + 1])
                 if self.mode == "rollback":
                     return tokens, put(no_margin, margin[:, : K + 1]), cache

@@ -404,16 +404,14 @@ def decoder_blocks(
         h = rms_norm(x, block["cross_attn_norm"], eps)
         ca = block["cross_attn"]
         q = split_heads(h @ ca["q"], config)
-        cross_rows = rows
+        cross_k, cross_v = cache.cross_k[i], cache.cross_v[i]
         if rows is not None:
             # Gather this layer's rows once its input is ready. Left free, XLA's CPU scheduler
             # gathers every layer's at the start and holds them all at once (and it drops
             # optimization barriers), so the row indices take a data dependence on x that
             # is always 0 (no float compares greater than +inf).
-            cross_rows = rows + (x[0, 0, 0] > jnp.inf).astype(rows.dtype)
-        cross_k, cross_v = cache.cross_k[i], cache.cross_v[i]
-        if rows is not None:
-            cross_k, cross_v = take_rows(cross_k, cross_rows, H), take_rows(cross_v, cross_rows, H)
+            after_x = rows + (x[0, 0, 0] > jnp.inf).astype(rows.dtype)
+            cross_k, cross_v = take_rows(cross_k, after_x, H), take_rows(cross_v, after_x, H)
         attn = attend(q, cross_k, cross_v, None, cross_mask)
         x = x + merge_heads(attn) @ ca["o"]
         x = x + feed_forward(block["ffn"], rms_norm(x, block["ffn_norm"], eps), config)

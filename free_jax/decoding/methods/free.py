@@ -128,9 +128,8 @@ def free_decode(
         )
         return out.hidden, out.cache
 
-    drafting = wait_mode == "draft" and max_wait > 0
-    # Passes that run the deep head at every position, not only the current token.
-    every_position = mode != "default" or record_agreement or drafting
+    drafting = spd.drafts(max_wait, wait_mode)
+    every_position = spd.head_at_every_position(mode, record_agreement, drafting)
     result = spd.spd_search(
         shallow_fn,
         deep_fn,
