@@ -25,6 +25,14 @@ Medians over `--rounds`, after compilation (compile time reported apart).
 `--census` also profiles one decode call at each batch size and prints what runs per generated
 token: XLA thunks by kind (count and share of the thunk time), and the matrix products by output
 shape, which is where the time beyond the floor goes.
+
+`--weights f32 bf16 int8 int8-dynamic` also times the same model with other decoder weights, in
+the same rounds: bf16 (`Model.astype`: weights and activations) and the int8 modes of
+`Model.quantize` (`free_jax.models.quantize`). A second table gives each one's decode and end to
+end ms/token, its speed over float32 decoding, over `generate` (float32), for int8-dynamic also
+over `generate` with PyTorch's dynamic int8 quantization of every `nn.Linear` (the same kind of
+product), and the share of its tokens that equal float32's (random weights: an argmax between
+near-equal logits can flip).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import numpy as np
 
 import free_jax
 from free_jax import decoding, testing
+from free_jax.cli.bench import WEIGHT_FORMATS, with_weights
 from free_jax.evaluation import bench
 from free_jax.models import shapes
 
@@ -227,6 +236,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-transformers", action="store_true", help="free_jax only")
     parser.add_argument("--census", action="store_true", help="profile thunks per token")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        default=["f32"],
+        choices=WEIGHT_FORMATS,
+        help="decoder weight formats timed side by side (f32 is always the baseline)",
+    )
     args = parser.parse_args(argv)
     if min(args.batch_sizes) < 1:
         parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
@@ -234,7 +250,7 @@ def main(argv=None) -> int:
     model = free_jax.Model.random(shapes.t5_v1_0(args.shape), seed=0)
     weights = decoder_side_weights(model)
     weight_mb = decoder_side_bytes(model) / 1e6
-    ref = None
+    ref = ref_int8 = None
     if not args.no_transformers:
         import torch
 
@@ -242,6 +258,12 @@ def main(argv=None) -> int:
             free_jax.export_hf(model, directory)
             ref = testing.load_hf_reference(directory)
         threads = torch.get_num_threads()
+        if "int8-dynamic" in args.weights:
+            # PyTorch's own CPU int8: dynamic quantization of every nn.Linear (int8 weights per
+            # channel, activations quantized at run time), the counterpart of int8-dynamic.
+            ref_int8 = torch.ao.quantization.quantize_dynamic(
+                ref, {torch.nn.Linear}, dtype=torch.qint8
+            )
     print(
         f"# {args.shape}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}"
@@ -262,6 +284,9 @@ def main(argv=None) -> int:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     rows, censuses = [], {}
+    others = [w for w in dict.fromkeys(args.weights) if w != "f32"]
+    variants = {w: with_weights(model, w) for w in others}
+    variant_rows = []
     for batch in args.batch_sizes:
         ids = testing.random_ids((batch, args.source_length), seed=batch, vocab_size=32100)
         mask = np.ones_like(ids)
@@ -273,10 +298,20 @@ def main(argv=None) -> int:
         compile_s = time.perf_counter() - start
         timer.add("end_to_end", end_to_end)
         timer.add("decode_only", decode_only)
+        variant_tokens = {}
+        for name, variant in variants.items():
+            v_end_to_end, v_decode_only = free_jax_calls(variant, ids, mask, args.new_tokens)
+            variant_tokens[name] = np.asarray(v_end_to_end())
+            timer.add(f"end_to_end {name}", v_end_to_end)
+            timer.add(f"decode_only {name}", v_decode_only)
         if ref is not None:
             hf = transformers_call(ref, ids, mask, args.new_tokens)
             hf_tokens = hf().numpy()[:, 1:]
             timer.add("transformers", hf)
+        if ref_int8 is not None:
+            timer.add(
+                "transformers int8-dynamic", transformers_call(ref_int8, ids, mask, args.new_tokens)
+            )
         timer.run(args.rounds)
         per_token = {k: timer.median(k) / args.new_tokens * 1e3 for k in timer.fns}
         floor_ms = per_token["floor"]  # one read of the weights = one token's floor
@@ -303,6 +338,25 @@ def main(argv=None) -> int:
             f"{fmt(hf_ms, '.2f')} | {fmt(speedup, '.2f')} | {fmt(same, '.3f')} |",
             flush=True,
         )
+        for name in variants:
+            decode_ms = per_token[f"decode_only {name}"]
+            e2e_ms = per_token[f"end_to_end {name}"]
+            variant_rows.append(
+                dict(
+                    batch=batch,
+                    weights=name,
+                    decode_ms_per_token=decode_ms,
+                    end_to_end_ms_per_token=e2e_ms,
+                    speedup_over_f32=per_token["decode_only"] / decode_ms,
+                    speedup_over_hf=None if ref is None else per_token["transformers"] / e2e_ms,
+                    speedup_over_hf_same_format=(
+                        per_token["transformers int8-dynamic"] / e2e_ms
+                        if name == "int8-dynamic" and ref_int8 is not None
+                        else None
+                    ),
+                    same_tokens_as_f32=float((variant_tokens[name] == ours_tokens).mean()),
+                )
+            )
         if args.census:
             encoded = decoding.encode_source(
                 model.params, ids, mask, config=model.config, length=ids.shape[1]
@@ -325,11 +379,29 @@ def main(argv=None) -> int:
         f"decoder-side weights once per pass ({rates} GB/s in the rows above); at batch > 1 "
         "the same bytes are read, and the rest is compute"
     )
+    if variant_rows:
+        print(
+            "\n| batch | weights | decode ms/tok | x f32 floor | over f32 decode | "
+            "e2e ms/tok | HF / ours | HF int8 / ours | same tokens as f32 |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        floors = {r["batch"]: r["floor_ms_per_token"] for r in rows}
+        for r in variant_rows:
+            hf = "-" if r["speedup_over_hf"] is None else f"{r['speedup_over_hf']:.2f}"
+            same = r["speedup_over_hf_same_format"]
+            hf_int8 = "-" if same is None else f"{same:.2f}"
+            print(
+                f"| {r['batch']} | {r['weights']} | {r['decode_ms_per_token']:.2f} | "
+                f"{r['decode_ms_per_token'] / floors[r['batch']]:.2f} | "
+                f"{r['speedup_over_f32']:.2f}x | {r['end_to_end_ms_per_token']:.2f} | {hf} | "
+                f"{hf_int8} | "
+                f"{r['same_tokens_as_f32']:.3f} |"
+            )
     for batch, census in censuses.items():
         print_census(batch, census)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+            json.dump(dict(args=vars(args), rows=rows, weight_variants=variant_rows), f, indent=2)
     return 0
 
 

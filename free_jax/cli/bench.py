@@ -3,7 +3,7 @@
     free-jax bench [--model demo|DIR|HUB_NAME|random:t5-base] [--batch-sizes 1 8 32]
                    [--task acl_punct --split test] [--max-examples N] [--repeats 1]
                    [--exit-layer N] [--threshold T] [--exit-rate 0.8] [--max-wait 4]
-                   [--out bench_out]
+                   [--weights f32|bf16|int8|int8-dynamic] [--out bench_out]
 
 Prints a table (ms/token, speed-up, weight-bytes ideal, exit rate, deep passes, rows and
 positions per pass, peak memory, quality) and writes `bench.json` and `speedup_vs_batch.png`
@@ -11,7 +11,9 @@ to `--out` (`free_jax.evaluation.bench`). A trained model is scored on a task's 
 model: its whole test split by default). `random:SHAPE` is a random model of a published T5
 shape (`free_jax.models.shapes`) on random sources, decoding `--new-tokens` tokens per row; its
 threshold is the one whose exit rate is closest to `--exit-rate` (random weights give no
-meaningful confidences, so exits are set by the threshold rather than learned).
+meaningful confidences, so exits are set by the threshold rather than learned). `--weights`
+decodes with bf16 weights (`Model.astype`) or int8 decoder weights (`Model.quantize`) in every
+method, the full model's included, so that quality and speed-ups compare within that format.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 from pathlib import Path
 
 RANDOM_PREFIX = "random:"
+WEIGHT_FORMATS = ("f32", "bf16", "int8", "int8-dynamic")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=64, help="random models")
     parser.add_argument("--source-length", type=int, default=64, help="random models")
+    parser.add_argument(
+        "--weights",
+        default="f32",
+        choices=WEIGHT_FORMATS,
+        help="decoder weights: as stored (f32), bf16, or int8 (Model.quantize's modes)",
+    )
     parser.add_argument("--out", default="bench_out", help="where bench.json and the plot go")
 
 
@@ -60,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model.startswith(RANDOM_PREFIX):
         model, inputs, threshold = _random_model(args)
     else:
-        model = _trained_model(args)
+        model = with_weights(_trained_model(args), args.weights)
         inputs, threshold = _task_inputs(args, model), args.threshold
     cases = bench.default_cases(
         model, exit_layer=args.exit_layer, threshold=threshold, max_wait=args.max_wait
@@ -72,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes,
         repeats=args.repeats,
         progress=sys.stderr.isatty(),
-        model_name=args.model,
+        model_name=args.model + ("" if args.weights == "f32" else f" ({args.weights})"),
     )
     print(bench.format_bench(result))
     out = Path(args.out)
@@ -81,6 +90,17 @@ def run(args: argparse.Namespace) -> int:
     plot = bench.plot_bench(result, out / bench.PLOT_FILE)
     print(f"\nwrote {out / 'bench.json'} and {plot}")
     return 0
+
+
+def with_weights(model, weights: str):
+    """`model` decoding with `weights` (one of WEIGHT_FORMATS; f32: as it is)."""
+    import jax.numpy as jnp
+
+    if weights == "f32":
+        return model
+    if weights == "bf16":
+        return model.astype(jnp.bfloat16)
+    return model.quantize(weights)
 
 
 def _trained_model(args: argparse.Namespace):
@@ -132,7 +152,7 @@ def _random_model(args: argparse.Namespace):
     for flag in ("new_tokens", "source_length"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is invalid: >= 1.")
-    model = Model.random(shapes.t5_v1_0(name), seed=0)
+    model = with_weights(Model.random(shapes.t5_v1_0(name), seed=0), args.weights)
     n = args.max_examples or max(64, max(args.batch_sizes))
     ids = testing.random_ids((n, args.source_length), seed=0, vocab_size=32100)
     inputs = bench.BenchInputs(

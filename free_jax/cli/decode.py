@@ -85,6 +85,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--min-new-tokens", type=int, default=0)
     parser.add_argument("--dtype", default=None, choices=_DTYPES)
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        choices=("int8", "int8-dynamic"),
+        help="int8 decoder weights (int8-dynamic: the fast one on CPU)",
+    )
     parser.add_argument("--truncate", action="store_true", help="cut over-long inputs, warned")
     parser.add_argument("--seed", type=int, default=0, help=f"seed of the {TINY_RANDOM} model")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
@@ -134,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         model = load(source)
     if args.dtype is not None:
         model = model.astype(jnp.dtype(args.dtype))
+    if args.quantize is not None:
+        model = model.quantize(args.quantize)
     loaded = time.perf_counter()
     if args.ids:
         inputs, mask = _parse_ids(args.ids)
@@ -171,7 +179,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{i}] {text!r}" if text is not None else f"[{i}]", "tokens:", row)
     print(
         f"# model: {source} ({model.config.num_layers}+{model.config.num_decoder_layers} layers, "
-        f"{model.dtype}); method={args.method}"
+        f"{model.dtype}"
+        + (f", {model.quantization} decoder weights" if model.quantization else "")
+        + f"); method={args.method}"
         + (
             f", exit rate {out.exit_rate:.0%}, {out.num_deep_passes} deep passes"
             if args.method in ("free", "calm")

@@ -2,9 +2,9 @@
 
 Owns: `T5Config` (`config`), the network (`t5`: encoder, decoder block ranges, exit head;
 `layers`: the blocks both encoders share; `longt5`: LongT5's local and transient-global encoder),
-the decoder KV cache (`kv_cache`), in-place conditionals the network and the loops share
-(`inplace`), the "meta" exit classifier (`exit_classifier`), and `Model` with teacher-forced
-`forward` (`model`).
+the decoder KV cache (`kv_cache`), int8 decoder weights for decoding (`quantize`), in-place
+conditionals the network and the loops share (`inplace`), the "meta" exit classifier
+(`exit_classifier`), and `Model` with teacher-forced `forward` (`model`).
 
 May import: `free_jax.errors` only. Everything else in free_jax builds on this package.
 """

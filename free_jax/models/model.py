@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from free_jax.errors import InputError
-from free_jax.models import t5
+from free_jax.models import quantize, t5
 from free_jax.models.config import T5Config
 
 
@@ -32,17 +32,38 @@ class Model:
     params: t5.Params
     tokenizer: Any = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quantization: str | None = None
 
     @functools.cached_property
     def decode_params(self) -> t5.Params:
         """`params` in decode layout (`t5.fuse_for_decoding`), made on first use and kept,
-        so that decoding does not rearrange the weights on every call.
+        so that decoding does not rearrange the weights on every call; with `quantization`,
+        the decoder's kernels and LM head in int8 (`free_jax.models.quantize`).
 
         The fused kernels are new arrays: they cost as much memory again as the decoder's
         self-attention Q/K/V and gated feed-forward input kernels (and, with a tied head, the
-        embedding). `release_decode_params` frees them.
+        embedding), a quarter of that in int8. `release_decode_params` frees them.
         """
-        return t5.fuse_for_decoding(self.params)
+        fused = t5.fuse_for_decoding(self.params)
+        if self.quantization is None:
+            return fused
+        return quantize.quantize_decode_params(fused, self.quantization)
+
+    def quantize(self, mode: str | None = "int8") -> Model:
+        """The same model decoding with int8 decoder weights (per-output-channel scales).
+
+        `mode` is `"int8"` (weight-only: activations keep their precision) or `"int8-dynamic"`
+        (activations rounded to int8 per row at run time, so that the products are int8 x int8,
+        the fast ones on XLA's CPU backend); None decodes with the float weights again. See
+        `free_jax.models.quantize` for what is quantized and what each mode costs. Only decoding
+        uses the int8 weights: `params`, `forward`, training and `save` keep the float ones.
+
+        Raises:
+          InputError: an unknown `mode`.
+        """
+        if mode is not None:
+            quantize.check_mode(mode)
+        return dataclasses.replace(self, quantization=mode)
 
     def release_decode_params(self) -> None:
         """Drops the cached `decode_params` (the next decode makes them again)."""
@@ -66,6 +87,11 @@ class Model:
         """
         from free_jax.models import partition
 
+        if self.quantization is not None:
+            raise InputError(
+                f"quantization={self.quantization!r} is not supported on a mesh: shard the "
+                "float model (`model.quantize(None).shard(mesh)`)."
+            )
         mesh = partition.check_mesh(mesh)
         shardings = partition.param_shardings(self.params, self.config, mesh)
         if partition.is_placed(self.params, shardings):

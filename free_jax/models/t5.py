@@ -53,6 +53,7 @@ from free_jax.models.layers import (  # noqa: F401 - part of this module's inter
     rms_norm,
     split_heads,
 )
+from free_jax.models.quantize import Int8Weight
 
 _F32 = jnp.float32
 
@@ -513,6 +514,8 @@ def exit_head(params: Params, config: T5Config, hidden: Array) -> Array:
     h = rms_norm(hidden, params["decoder"]["final_norm"], config.layer_norm_epsilon)
     if config.scale_decoder_outputs:
         h = h * jnp.asarray(config.d_model**-0.5, h.dtype)
+    if isinstance(params.get("lm_head"), Int8Weight):  # `Model.quantize`
+        return params["lm_head"].matmul(h, out_dtype=_F32)
     if "lm_head" in params:
         return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=_F32)
     return jnp.einsum(
