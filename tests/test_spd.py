@@ -386,7 +386,7 @@ def test_waiting_rows_share_one_pass():
     np.testing.assert_array_equal(np.asarray(patient.tokens), np.asarray(eager.tokens))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     threshold=st.floats(0.0, 1.0),
