@@ -247,8 +247,9 @@ def head_at_every_position(mode: str, record_agreement: bool, drafting: bool) ->
 def chunk_positions(batch: int, every_position: bool = False) -> int:
     """Most query positions (rows x query size) one deep call runs at batch size `batch`, where
     a pass needs the deep head at `every_position` (exact and rollback modes, drafts, agreement
-    data) or only at the current token: 8 at batch 1 for the latter, else 16. A wider pass runs
-    in windows (`spd_search`'s `chunk_positions`), which bounds its temporaries.
+    data) or only at the current token: for the latter 8 at batch 1 and 32 above (a pass over
+    the smallest row count, 2, then takes up to 16 positions per row in one call), else 16. A
+    wider pass runs in windows (`spd_search`'s `chunk_positions`), which bounds its temporaries.
 
     Demo model, XLA's temporary and output bytes over full decoding's: one call over a whole
     pass (64 buffer slots) 1.50x at batch 1 and 1.49x at 8 and 32; in windows of 16 positions
@@ -256,8 +257,13 @@ def chunk_positions(batch: int, every_position: bool = False) -> int:
     At batch 1 the demo's caches are so small (1 MiB) that a window of 16 takes 1.17x (8:
     1.10x). Windows of 8 cost exact mode at batch 1 a tenth of its speed-up (whole test
     split, 1.71-1.77x -> 1.54x: its passes span 17 positions on average), the default mode
-    nothing measurable (10 positions)."""
-    return 8 if batch == 1 and not every_position else 16
+    nothing measurable (10 positions). In the default mode above batch 1, passes take 1.1-1.4
+    rows over 12-15 positions: windows of 32 run most of them in one call of 2 rows x 16 (16:
+    two calls of 2 x 8), for 1.068x -> 1.080x of full decoding's memory at batch 8; demo, 512
+    test sentences at batch 8, decode only, medians of 7 interleaved rounds: 1.93x -> 2.02x."""
+    if every_position:
+        return 16
+    return 8 if batch == 1 else 32
 
 
 def buffer_size(capacity: int, max_wait: int = 0, wait_mode: str = "hold") -> int:
