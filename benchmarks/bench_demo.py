@@ -16,6 +16,11 @@ their own length and padded to 64 for the loop, as `free-jax demo` does. Quality
 on the same sentences) is printed next to the speed, from the first round's outputs.
 
     python benchmarks/bench_demo.py [--sentences 100] [--rounds 5] [--json out.json]
+        [--weights int8-dynamic ...]
+
+`--weights` adds, in the same rounds, full decoding and FREE at the saved threshold with other
+decoder weights (bf16, or `Model.quantize`'s int8 modes); their speed-ups and F1 are still over
+the float32 full model's.
 
 About 2 minutes on 2 CPU cores with the defaults.
 """
@@ -31,6 +36,7 @@ import numpy as np
 
 import free_jax
 from free_jax import data
+from free_jax.cli.bench import WEIGHT_FORMATS, with_weights
 from free_jax.data import demo, metrics
 
 METHODS = {
@@ -52,9 +58,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--split", default="test")
     parser.add_argument("--json", help="also write the measurements here")
+    parser.add_argument("--weights", nargs="*", default=[], choices=WEIGHT_FORMATS[1:])
     args = parser.parse_args()
 
     model = free_jax.load(demo.MODEL_DIR)
+    runs = {name: (model, kwargs) for name, kwargs in METHODS.items()}
+    for weights in args.weights:
+        variant = with_weights(model, weights)
+        runs[f"full {weights}"] = (variant, METHODS["full"])
+        runs[f"free thr=0.5 {weights}"] = (variant, METHODS["free thr=0.5"])
     examples = data.load_examples(demo.TASK_NAME, model.tokenizer, split=args.split)
     # Evenly spaced over the split (it is ordered by paper), as free-jax demo samples it.
     rows = np.linspace(0, len(examples) - 1, args.sentences).round().astype(int)
@@ -63,33 +75,34 @@ def main() -> None:
     references = list(examples.references)
     length = data.get_task(demo.TASK_NAME).max_source_length
 
-    def decode(ids, kwargs):
-        return free_jax.decode(model, ids, max_new_tokens=64, encoder_length=length, **kwargs)
+    def decode(ids, run):
+        variant, kwargs = run
+        return free_jax.decode(variant, ids, max_new_tokens=64, encoder_length=length, **kwargs)
 
-    for kwargs in METHODS.values():  # compile every shape
+    for run in runs.values():  # compile every shape
         seen = set()
         for ids in sources:
             if ids.shape not in seen:
                 seen.add(ids.shape)
-                decode(ids, kwargs)
+                decode(ids, run)
 
-    totals = {name: [] for name in METHODS}
-    best = {name: [float("inf")] * len(sources) for name in METHODS}
-    texts: dict[str, list[str]] = {name: [] for name in METHODS}
-    tokens = dict.fromkeys(METHODS, 0)
+    totals = {name: [] for name in runs}
+    best = {name: [float("inf")] * len(sources) for name in runs}
+    texts: dict[str, list[str]] = {name: [] for name in runs}
+    tokens = dict.fromkeys(runs, 0)
     for r in range(args.rounds):
-        round_total = dict.fromkeys(METHODS, 0.0)
+        round_total = dict.fromkeys(runs, 0.0)
         for i, ids in enumerate(sources):
-            for name, kwargs in METHODS.items():
+            for name, run in runs.items():
                 start = time.perf_counter()
-                out = decode(ids, kwargs)
+                out = decode(ids, run)
                 seconds = time.perf_counter() - start
                 round_total[name] += seconds
                 best[name][i] = min(best[name][i], seconds)
                 if r == 0:
                     texts[name] += out.texts
                     tokens[name] += int(out.lengths.sum())
-        for name in METHODS:
+        for name in runs:
             totals[name].append(round_total[name])
 
     full_f1 = metrics.compute("punct_f1", texts["full"], references)["punct_f1"]
@@ -98,13 +111,13 @@ def main() -> None:
         f"speed-up = full / method, per round"
     )
     header = (
-        f"{'method':<20} {'punct_f1':>8} {'of full':>7} {'ms/sent':>8} {'speed-up':>9} "
+        f"{'method':<26} {'punct_f1':>8} {'of full':>7} {'ms/sent':>8} {'speed-up':>9} "
         f"{'min':>5} {'max':>5} {'best-of':>8}"
     )
     print(header + "\n" + "-" * len(header))
     results = {}
     full_best = sum(best["full"])
-    for name in METHODS:
+    for name in runs:
         ratios = [f / m for f, m in zip(totals["full"], totals[name], strict=True)]
         f1 = metrics.compute("punct_f1", texts[name], references)["punct_f1"]
         results[name] = {
@@ -120,7 +133,7 @@ def main() -> None:
         }
         res = results[name]
         print(
-            f"{name:<20} {f1:8.2f} {100 * f1 / full_f1:6.1f}% "
+            f"{name:<26} {f1:8.2f} {100 * f1 / full_f1:6.1f}% "
             f"{res['ms_per_sentence_median']:8.2f} {res['speedup_median']:8.2f}x "
             f"{res['speedup_min']:5.2f} {res['speedup_max']:5.2f} {res['speedup_best_of']:7.2f}x"
         )
