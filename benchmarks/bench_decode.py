@@ -55,7 +55,6 @@ import numpy as np
 
 import free_jax
 from free_jax import decoding, testing
-from free_jax.cli.bench import WEIGHT_FORMATS, with_weights
 from free_jax.evaluation import bench
 from free_jax.models import shapes
 
@@ -240,7 +239,7 @@ def main(argv=None) -> int:
         "--weights",
         nargs="+",
         default=["f32"],
-        choices=WEIGHT_FORMATS,
+        choices=bench.DECODE_WEIGHTS,
         help="decoder weight formats timed side by side (f32 is always the baseline)",
     )
     args = parser.parse_args(argv)
@@ -285,7 +284,7 @@ def main(argv=None) -> int:
     print("|" + "---|" * len(header))
     rows, censuses = [], {}
     others = [w for w in dict.fromkeys(args.weights) if w != "f32"]
-    variants = {w: with_weights(model, w) for w in others}
+    variants = {w: bench.with_decode_weights(model, w) for w in others}
     variant_rows = []
     for batch in args.batch_sizes:
         ids = testing.random_ids((batch, args.source_length), seed=batch, vocab_size=32100)

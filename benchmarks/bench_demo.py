@@ -36,8 +36,8 @@ import numpy as np
 
 import free_jax
 from free_jax import data
-from free_jax.cli.bench import WEIGHT_FORMATS, with_weights
 from free_jax.data import demo, metrics
+from free_jax.evaluation import bench
 
 METHODS = {
     "full": dict(method="full"),
@@ -58,13 +58,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--split", default="test")
     parser.add_argument("--json", help="also write the measurements here")
-    parser.add_argument("--weights", nargs="*", default=[], choices=WEIGHT_FORMATS[1:])
+    parser.add_argument("--weights", nargs="*", default=[], choices=bench.DECODE_WEIGHTS[1:])
     args = parser.parse_args()
 
     model = free_jax.load(demo.MODEL_DIR)
     runs = {name: (model, kwargs) for name, kwargs in METHODS.items()}
     for weights in args.weights:
-        variant = with_weights(model, weights)
+        variant = bench.with_decode_weights(model, weights)
         runs[f"full {weights}"] = (variant, METHODS["full"])
         runs[f"free thr=0.5 {weights}"] = (variant, METHODS["free thr=0.5"])
     examples = data.load_examples(demo.TASK_NAME, model.tokenizer, split=args.split)

@@ -177,6 +177,14 @@ def test_int8_decoding_tracks_float_decoding_on_the_demo_model():
 def test_bad_quantization_settings_are_refused(model):
     with pytest.raises(InputError, match="'int4'.*int8, int8-dynamic"):
         model.quantize("int4")
+    from free_jax.evaluation import bench
+
+    with pytest.raises(
+        InputError, match="weights='fp8' is invalid: one of f32, bf16, int8, int8-d"
+    ):
+        bench.with_decode_weights(model, "fp8")
+    assert bench.with_decode_weights(model, "f32") is model
+    assert bench.with_decode_weights(model, "int8-dynamic").quantization == "int8-dynamic"
     mesh = jax.make_mesh((1,), ("data",))
     with pytest.raises(InputError, match="not supported on a mesh"):
         model.quantize("int8").shard(mesh)

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 RANDOM_PREFIX = "random:"
-WEIGHT_FORMATS = ("f32", "bf16", "int8", "int8-dynamic")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,8 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--weights",
         default="f32",
-        choices=WEIGHT_FORMATS,
-        help="decoder weights: as stored (f32), bf16, or int8 (Model.quantize's modes)",
+        help="decoder weights: f32 (as stored), bf16, int8 or int8-dynamic (Model.quantize)",
     )
     parser.add_argument("--out", default="bench_out", help="where bench.json and the plot go")
 
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model.startswith(RANDOM_PREFIX):
         model, inputs, threshold = _random_model(args)
     else:
-        model = with_weights(_trained_model(args), args.weights)
+        model = bench.with_decode_weights(_trained_model(args), args.weights)
         inputs, threshold = _task_inputs(args, model), args.threshold
     cases = bench.default_cases(
         model, exit_layer=args.exit_layer, threshold=threshold, max_wait=args.max_wait
@@ -90,17 +88,6 @@ def run(args: argparse.Namespace) -> int:
     plot = bench.plot_bench(result, out / bench.PLOT_FILE)
     print(f"\nwrote {out / 'bench.json'} and {plot}")
     return 0
-
-
-def with_weights(model, weights: str):
-    """`model` decoding with `weights` (one of WEIGHT_FORMATS; f32: as it is)."""
-    import jax.numpy as jnp
-
-    if weights == "f32":
-        return model
-    if weights == "bf16":
-        return model.astype(jnp.bfloat16)
-    return model.quantize(weights)
 
 
 def _trained_model(args: argparse.Namespace):
@@ -152,7 +139,7 @@ def _random_model(args: argparse.Namespace):
     for flag in ("new_tokens", "source_length"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is invalid: >= 1.")
-    model = with_weights(Model.random(shapes.t5_v1_0(name), seed=0), args.weights)
+    model = bench.with_decode_weights(Model.random(shapes.t5_v1_0(name), seed=0), args.weights)
     n = args.max_examples or max(64, max(args.batch_sizes))
     ids = testing.random_ids((n, args.source_length), seed=0, vocab_size=32100)
     inputs = bench.BenchInputs(

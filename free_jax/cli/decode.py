@@ -88,8 +88,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--quantize",
         default=None,
-        choices=("int8", "int8-dynamic"),
-        help="int8 decoder weights (int8-dynamic: the fast one on CPU)",
+        help="int8 decoder weights: int8 or int8-dynamic (the fast one on CPU; Model.quantize)",
     )
     parser.add_argument("--truncate", action="store_true", help="cut over-long inputs, warned")
     parser.add_argument("--seed", type=int, default=0, help=f"seed of the {TINY_RANDOM} model")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from free_jax.data import metrics
@@ -44,6 +45,7 @@ from free_jax.decoding import methods as decode_methods
 from free_jax.decoding.api import encode_source
 from free_jax.decoding.methods.base import DecodeCall, DecodeOptions, default_exit_layer
 from free_jax.errors import InputError
+from free_jax.models import quantize
 from free_jax.models.model import Model
 
 PLOT_FILE = "speedup_vs_batch.png"
@@ -207,6 +209,22 @@ def _batches(inputs: BenchInputs, batch_size: int) -> list[tuple[np.ndarray, np.
             ids[j, : len(s)], mask[j, : len(s)] = s, 1
         out.append((ids, mask))
     return out
+
+
+#: Decoder weights a benchmark can decode with: as stored, bf16 (`Model.astype`: weights and
+#: activations), or int8 (`Model.quantize`'s modes).
+DECODE_WEIGHTS = ("f32", "bf16", *quantize.MODES)
+
+
+def with_decode_weights(model: Model, weights: str) -> Model:
+    """`model` decoding with `weights`, one of `DECODE_WEIGHTS` ("f32": as it is)."""
+    if weights not in DECODE_WEIGHTS:
+        raise InputError(f"weights={weights!r} is invalid: one of {', '.join(DECODE_WEIGHTS)}.")
+    if weights == "f32":
+        return model
+    if weights == "bf16":
+        return model.astype(jnp.bfloat16)
+    return model.quantize(weights)
 
 
 def decoder_weights(model: Model, start: int, stop: int, head: bool = True) -> list[jax.Array]:

@@ -36,6 +36,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from free_jax.errors import InputError
+
 Array = jax.Array
 
 #: The ways `Model.quantize` can multiply by int8 weights (see the module docstring).
@@ -120,8 +122,6 @@ def quantize_kernel(w: Array, dynamic: bool = False) -> Int8Weight:
 
 def check_mode(mode: Any) -> str:
     if mode not in MODES:
-        from free_jax.errors import InputError
-
         raise InputError(f"quantization={mode!r} is invalid: one of {', '.join(MODES)}.")
     return mode
 
