@@ -117,6 +117,8 @@ def test_decoding_invariants_hold_with_int8_weights(model, batch, mode):
     many-position deep pass (or between batch sizes) into a different int8 value, so for it
     they hold up to such flips; on this model there are none."""
     ids, mask = batch
+    if mode == "int8":  # two rows, one row count: half the programs (gathered rows: test_free)
+        ids, mask = ids[1:3], mask[1:3]
     qmodel = model.quantize(mode)
 
     def decode(**kw):
@@ -124,11 +126,10 @@ def test_decoding_invariants_hold_with_int8_weights(model, batch, mode):
         return free_jax.decode(qmodel, ids, attention_mask=mask, **kw)
 
     full = decode()
-    # Exact mode and a never-exiting FREE and CALM equal full decoding of the same weights.
+    # Exact mode and a never-exiting FREE equal full decoding of the same weights.
     for out in (
         decode(method="free", exit_layer=2, threshold=0.3, mode="exact"),
         decode(method="free", exit_layer=2, threshold=1.0),
-        decode(method="calm", exit_layer=2, threshold=1.0, calm_tau=None),
     ):
         np.testing.assert_array_equal(out.tokens, full.tokens)
         np.testing.assert_array_equal(out.lengths, full.lengths)
@@ -147,10 +148,27 @@ def test_decoding_invariants_hold_with_int8_weights(model, batch, mode):
             max_new_tokens=T,
         )
         np.testing.assert_array_equal(alone.tokens[0], free.tokens[i])
+
+
+# Slow: another decode program; the column slices CALM's state copying takes are tested on
+# their own (test_column_slices_multiply_like_the_same_columns_of_the_whole_product).
+@pytest.mark.slow
+def test_calm_with_int8_weights(model, batch):
+    ids, mask = batch
+    qmodel = model.quantize("int8")
+
+    def decode(**kw):
+        kw = dict(method="calm", exit_layer=2, calm_tau=None, max_new_tokens=T) | kw
+        return free_jax.decode(qmodel, ids, attention_mask=mask, **kw)
+
+    full = decode(method="full")
+    never = decode(threshold=1.0)
+    np.testing.assert_array_equal(never.tokens, full.tokens)
+    np.testing.assert_array_equal(never.lengths, full.lengths)
     # CALM exiting at every token copies its state into the skipped blocks' K/V (column slices
     # of the fused int8 QKV) and emits the shallow model's tokens, as FREE does when all exit.
-    always = decode(method="calm", exit_layer=2, threshold=0.0, calm_tau=None)
-    shallow = decode(method="free", exit_layer=2, threshold=0.0)
+    always = decode(threshold=0.0)
+    shallow = decode(method="free", threshold=0.0)
     assert always.exit_rate == 1.0 == shallow.exit_rate
     np.testing.assert_array_equal(always.tokens, shallow.tokens)
 

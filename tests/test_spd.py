@@ -347,7 +347,7 @@ def test_rollback_within_the_margin_is_the_default_mode():
     np.testing.assert_array_equal(np.asarray(loose.exited), np.asarray(default.exited))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     threshold=st.floats(0.0, 1.0),
@@ -386,7 +386,7 @@ def test_waiting_rows_share_one_pass():
     np.testing.assert_array_equal(np.asarray(patient.tokens), np.asarray(eager.tokens))
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     threshold=st.floats(0.0, 1.0),
