@@ -20,11 +20,24 @@ in interleaved rounds (so that a noisy machine slows all of them alike):
 Medians over `--rounds`, after compilation (compile time reported apart).
 
     python benchmarks/bench_decode.py [--shape t5-small|t5-base] [--batch-sizes 1 8]
-        [--new-tokens 64] [--rounds 7] [--no-transformers] [--census] [--json FILE]
+        [--new-tokens 64] [--rounds 7] [--no-transformers] [--census] [--products]
+        [--xla-option KEY=VALUE] [--json FILE]
 
 `--census` also profiles one decode call at each batch size and prints what runs per generated
 token: XLA thunks by kind (count and share of the thunk time), and the matrix products by output
 shape, which is where the time beyond the floor goes.
+
+`--products` also times, at each batch size, the decoder-side matrix products alone (every 2-D
+weight above times a [batch, in] input, once per generated token), chained as a decode step runs
+them (each product's input depends on the previous product's output, so none run concurrently),
+in XLA and in PyTorch (`torch.matmul`, its default threads). The step costs at least its
+products; the gap between the two frameworks' products, and each framework's step over its own
+products, say where the time beyond the floor goes at batch > 1 (compute, or per-step overhead).
+
+`--xla-option KEY=VALUE` (repeatable) also times float32 decoding compiled with that XLA
+option (`Lowered.compile(compiler_options=...)`: that one program only), in the same rounds, e.g.
+`--xla-option xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT` (only
+single matrix products go to YNNPACK; its fused element-wise and reduction kernels are not used).
 
 `--weights f32 bf16 int8 int8-dynamic` also times the same model with other decoder weights, in
 the same rounds: bf16 (`Model.astype`: weights and activations) and the int8 modes of
@@ -85,6 +98,46 @@ def _read_all(arrays, vectors, times):
         return total
 
     return jax.lax.fori_loop(0, times, one_pass, jnp.zeros((), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames="times")
+def _chained_products(kernels, x, times):
+    """`times` passes of `x[:, :in] @ w` over `kernels` in order, each input depending on the
+    previous product (a step's order: no two products run at once); x: [batch, widest in]."""
+
+    def one_pass(_, carry):
+        for w in kernels:
+            y = (x[:, : w.shape[0]] + carry * 1e-30) @ w
+            carry = y[0, 0]
+        return carry
+
+    return jax.lax.fori_loop(0, times, one_pass, jnp.zeros((), x.dtype))
+
+
+def products_calls(weights, batch, times):
+    """The decoder-side products of one token at `batch` rows, `times` times: in XLA, and in
+    PyTorch on the same values (None without torch)."""
+    kernels = [w for w in weights if w.ndim == 2]
+    widest = max(w.shape[0] for w in kernels)
+    x = np.random.default_rng(1).standard_normal((batch, widest)).astype(np.float32)
+    xla = lambda: jax.block_until_ready(_chained_products(kernels, jnp.asarray(x), times))  # noqa: E731
+    try:
+        import torch
+    except ImportError:
+        return xla, None
+    t_kernels = [torch.from_numpy(np.array(w, np.float32)) for w in kernels]
+    t_x = torch.from_numpy(x)
+
+    def pytorch():
+        carry = torch.zeros(())
+        with torch.inference_mode():
+            for _ in range(times):
+                for w in t_kernels:
+                    y = torch.matmul(t_x[:, : w.shape[0]] + carry * 1e-30, w)
+                    carry = y[0, 0]
+        return carry
+
+    return xla, pytorch
 
 
 def weight_reader(weights, times):
@@ -150,6 +203,20 @@ def free_jax_calls(model, ids, mask, new_tokens):
         return jax.block_until_ready(decode(encoded).tokens)
 
     return end_to_end, decode_only
+
+
+def option_call(model, ids, mask, new_tokens, option: str):
+    """Decode only, float32, the program compiled with one XLA option `KEY=VALUE`."""
+    key, _, value = option.partition("=")
+    encoded = jax.block_until_ready(
+        decoding.encode_source(model.params, ids, mask, config=model.config, length=ids.shape[1])
+    )
+    lengths = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    lowered = decoding.greedy_full.lower(
+        model.decode_params, *encoded, config=model.config, **lengths
+    )
+    compiled = lowered.compile(compiler_options={key: value})
+    return lambda: jax.block_until_ready(compiled(model.decode_params, *encoded).tokens)
 
 
 def transformers_call(ref, ids, mask, new_tokens):
@@ -234,6 +301,16 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-transformers", action="store_true", help="free_jax only")
     parser.add_argument("--census", action="store_true", help="profile thunks per token")
+    parser.add_argument(
+        "--products", action="store_true", help="also time the step's matrix products alone"
+    )
+    parser.add_argument(
+        "--xla-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also time decoding compiled with this XLA option (repeatable)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument(
         "--weights",
@@ -245,6 +322,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if min(args.batch_sizes) < 1:
         parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    for option in args.xla_option:
+        if "=" not in option or option.startswith("="):
+            parser.error(f"--xla-option {option!r} is invalid: KEY=VALUE")
 
     model = free_jax.Model.random(shapes.t5_v1_0(args.shape), seed=0)
     weights = decoder_side_weights(model)
@@ -291,6 +371,11 @@ def main(argv=None) -> int:
         mask = np.ones_like(ids)
         timer = Timer()
         timer.add("floor", weight_reader(weights, args.new_tokens))
+        if args.products:
+            xla_products, torch_products = products_calls(weights, batch, args.new_tokens)
+            timer.add("products xla", xla_products)
+            if torch_products is not None and not args.no_transformers:
+                timer.add("products torch", torch_products)
         end_to_end, decode_only = free_jax_calls(model, ids, mask, args.new_tokens)
         start = time.perf_counter()
         ours_tokens = np.asarray(end_to_end())  # compiles both jitted parts
@@ -303,6 +388,11 @@ def main(argv=None) -> int:
             variant_tokens[name] = np.asarray(v_end_to_end())
             timer.add(f"end_to_end {name}", v_end_to_end)
             timer.add(f"decode_only {name}", v_decode_only)
+        option_tokens = {}
+        for option in args.xla_option:
+            call = option_call(model, ids, mask, args.new_tokens, option)
+            option_tokens[option] = np.asarray(call())
+            timer.add(f"option {option}", call)
         if ref is not None:
             hf = transformers_call(ref, ids, mask, args.new_tokens)
             hf_tokens = hf().numpy()[:, 1:]
@@ -329,6 +419,20 @@ def main(argv=None) -> int:
             speedup = hf_ms / per_token["end_to_end"]
             same = float((hf_tokens == ours_tokens).mean())
             row.update(hf_ms_per_token=hf_ms, speedup_over_hf=speedup, token_agreement=same)
+        row["xla_options"] = [
+            dict(
+                option=option,
+                decode_ms_per_token=per_token[f"option {option}"],
+                speedup_over_default=per_token["decode_only"] / per_token[f"option {option}"],
+                same_tokens=float((option_tokens[option] == ours_tokens).mean()),
+            )
+            for option in args.xla_option
+        ]
+        if args.products:
+            row.update(
+                products_xla_ms_per_token=per_token["products xla"],
+                products_torch_ms_per_token=per_token.get("products torch"),
+            )
         rows.append(row)
         fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
         print(
@@ -378,6 +482,29 @@ def main(argv=None) -> int:
         f"decoder-side weights once per pass ({rates} GB/s in the rows above); at batch > 1 "
         "the same bytes are read, and the rest is compute"
     )
+    if args.products:
+        print(
+            "\n| batch | products ms/tok, XLA | products ms/tok, PyTorch | our decode / XLA "
+            "products | HF e2e / PyTorch products |"
+        )
+        print("|---|---|---|---|---|")
+        for r in rows:
+            torch_ms, hf_ms = r["products_torch_ms_per_token"], r.get("hf_ms_per_token")
+            print(
+                f"| {r['batch']} | {r['products_xla_ms_per_token']:.2f} | "
+                f"{'-' if torch_ms is None else format(torch_ms, '.2f')} | "
+                f"{r['decode_ms_per_token'] / r['products_xla_ms_per_token']:.2f} | "
+                f"{'-' if torch_ms is None or hf_ms is None else format(hf_ms / torch_ms, '.2f')} |"
+            )
+    if args.xla_option:
+        print("\n| batch | XLA option | decode ms/tok | over default | same tokens |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            for o in r["xla_options"]:
+                print(
+                    f"| {r['batch']} | `{o['option']}` | {o['decode_ms_per_token']:.2f} | "
+                    f"{o['speedup_over_default']:.2f}x | {o['same_tokens']:.3f} |"
+                )
     if variant_rows:
         print(
             "\n| batch | weights | decode ms/tok | x f32 floor | over f32 decode | "
