@@ -101,6 +101,26 @@ def with_exit_classifier(model: Model, seed: int = 0) -> Model:
     return dataclasses.replace(model, params={**model.params, exit_classifier.KEY: head})
 
 
+def threshold_between(confidences: Any, quantile: float) -> float:
+    """A FREE threshold near the `quantile` of `confidences` that lies halfway between two
+    distinct values among them, never on one.
+
+    A row decoded alone and the same row in a batch compute their confidences equal to rounding,
+    not bit for bit (XLA vectorises other shapes differently), so a threshold equal to a
+    confidence the model produces would let that token's last bits decide its exit, and tests
+    of "a batch decodes as each row alone" would depend on the machine they run on.
+    """
+    values = np.asarray(confidences, np.float64).ravel()
+    values = np.unique(values[np.isfinite(values)])
+    if len(values) < 2 or not 0.0 <= quantile <= 1.0:
+        raise ValueError(
+            f"need two distinct confidences and a quantile in [0, 1], got {len(values)} "
+            f"distinct values and quantile={quantile!r}."
+        )
+    i = min(int(round(quantile * (len(values) - 1))), len(values) - 2)
+    return float((values[i] + values[i + 1]) / 2)
+
+
 def random_ids(
     shape: tuple[int, int], seed: int = 0, *, vocab_size: int = TINY_VOCAB, low: int = 2
 ) -> np.ndarray:

@@ -47,6 +47,15 @@ def _confidences(model, batch):
     return out.confidence[~np.isnan(out.confidence)]
 
 
+def test_thresholds_the_tests_pick_lie_between_confidences():
+    conf = np.array([0.9, 0.1, 0.5, 0.5, np.nan, 0.3], np.float32)
+    for q, expected in [(0.0, 0.2), (0.4, 0.4), (1.0, 0.7)]:
+        threshold = testing.threshold_between(conf, q)
+        assert threshold == pytest.approx(expected) and threshold not in conf.tolist()
+    with pytest.raises(ValueError, match="two distinct confidences"):
+        testing.threshold_between(np.array([0.5, 0.5, np.nan]), 0.5)
+
+
 def _free(model, batch, threshold, **kw):
     ids, mask = batch
     kw = dict(method="free", exit_layer=LS, threshold=threshold, max_new_tokens=T) | kw
@@ -70,7 +79,8 @@ def test_never_exiting_equals_full_and_always_exiting_equals_static(model, batch
 def test_every_token_matches_its_exit_under_teacher_forcing(model, batch):
     """Deep tokens are the full model's argmax, shallow ones the shallow exit's, confidently."""
     ids, mask = batch
-    for threshold in np.quantile(_confidences(model, batch), [0.3, 0.6]):
+    conf = _confidences(model, batch)
+    for threshold in (testing.threshold_between(conf, q) for q in (0.3, 0.6)):
         out = _free(model, batch, float(threshold), buffer_capacity=3)
         assert 0 < out.exit_rate < 1, "pick thresholds that mix both exits"
         dec = np.concatenate([np.zeros((4, 1), np.int32), out.tokens[:, :-1]], axis=1)
@@ -92,7 +102,7 @@ def test_every_token_matches_its_exit_under_teacher_forcing(model, batch):
 
 def test_deep_cache_equals_the_full_models_for_the_emitted_prefix(model, batch):
     ids, mask = batch
-    threshold = float(np.quantile(_confidences(model, batch), 0.5))
+    threshold = testing.threshold_between(_confidences(model, batch), 0.5)
     ids16 = np.pad(ids, ((0, 0), (0, 5)))
     mask16 = np.pad(mask, ((0, 0), (0, 5)))
     encoded = decoding.encode_source(model.params, ids16, mask16, config=model.config, length=16)
@@ -151,7 +161,7 @@ def test_exact_mode_equals_full_greedy_for_any_threshold(quantile, K):
     model = testing.tiny_model("v1.1", seed=5)
     ids = testing.random_ids((4, 11), seed=9)
     full = free_jax.decode(model, ids, max_new_tokens=T)
-    threshold = float(np.quantile(_confidences(model, (ids, ids != 0)), quantile))
+    threshold = testing.threshold_between(_confidences(model, (ids, ids != 0)), quantile)
     out = free_jax.decode(
         model,
         ids,
@@ -169,7 +179,7 @@ def test_exact_mode_equals_full_greedy_for_any_threshold(quantile, K):
 @pytest.mark.parametrize("mode", ["default", pytest.param("exact", marks=pytest.mark.slow)])
 def test_batch_equals_rows_decoded_alone(model, batch, mode):
     ids, mask = batch
-    threshold = float(np.quantile(_confidences(model, batch), 0.5))
+    threshold = testing.threshold_between(_confidences(model, batch), 0.5)
     together = _free(model, batch, threshold, buffer_capacity=3, mode=mode)
     for b in range(4):
         n = int(mask[b].sum())
@@ -203,7 +213,12 @@ def test_row_compacted_passes_keep_every_invariant(model):
     full = free_jax.decode(model, batch[0], attention_mask=mask, max_new_tokens=T)
     conf = _confidences(model, batch)
     pass_rows = []
-    for threshold in (0.0, float(np.quantile(conf, 0.2)), float(np.quantile(conf, 0.6)), 1.0):
+    for threshold in (
+        0.0,
+        testing.threshold_between(conf, 0.2),
+        testing.threshold_between(conf, 0.6),
+        1.0,
+    ):
         together = _free(model, batch, threshold)
         pass_rows.extend(together.deep_pass_rows.tolist())
         for b in range(B):
@@ -219,7 +234,7 @@ def test_row_compacted_passes_keep_every_invariant(model):
 
 
 def test_min_new_tokens_holds_for_both_exits(model, batch):
-    threshold = float(np.quantile(_confidences(model, batch), 0.5))
+    threshold = testing.threshold_between(_confidences(model, batch), 0.5)
     out = _free(model, batch, threshold, min_new_tokens=T)
     np.testing.assert_array_equal(out.lengths, T)
     assert (out.tokens != model.config.eos_token_id).all()
@@ -263,7 +278,7 @@ def test_another_batch_of_the_same_shape_does_not_recompile(model, batch, mode):
 
 def test_agreement_data_covers_what_deep_passes_saw(model, batch):
     ids, mask = batch
-    threshold = float(np.quantile(_confidences(model, batch), 0.5))
+    threshold = testing.threshold_between(_confidences(model, batch), 0.5)
     lean = _free(model, batch, threshold, buffer_capacity=4)
     out = _free(model, batch, threshold, buffer_capacity=4, record_agreement=True)
     np.testing.assert_array_equal(lean.tokens, out.tokens)  # bookkeeping only
@@ -363,7 +378,7 @@ def test_adaptive_threshold_rejects_unbounded_confidence(model, batch):
 @pytest.mark.slow  # the rollback rules are tested on scripted steps in test_spd.py
 def test_rollback_mode_on_a_model(model, batch):
     """Margin 1 never rolls back (the default mode); margin 0 leaves no checked disagreement."""
-    threshold = float(np.quantile(_confidences(model, batch), 0.4))
+    threshold = testing.threshold_between(_confidences(model, batch), 0.4)
     default = _free(model, batch, threshold, buffer_capacity=4)
     loose = _free(model, batch, threshold, buffer_capacity=4, mode="rollback", rollback_margin=1.0)
     np.testing.assert_array_equal(loose.tokens, default.tokens)
@@ -380,7 +395,7 @@ def test_rollback_mode_on_a_model(model, batch):
 # model by test_bench.
 @pytest.mark.slow
 def test_waiting_rows_on_a_model(model, batch):
-    threshold = float(np.quantile(_confidences(model, batch), 0.5))
+    threshold = testing.threshold_between(_confidences(model, batch), 0.5)
     eager = _free(model, batch, threshold, buffer_capacity=4)
     patient = _free(model, batch, threshold, buffer_capacity=4, max_wait=3)
     np.testing.assert_array_equal(patient.tokens, eager.tokens)
