@@ -215,7 +215,10 @@ def option_call(model, ids, mask, new_tokens, option: str):
     lowered = decoding.greedy_full.lower(
         model.decode_params, *encoded, config=model.config, **lengths
     )
-    compiled = lowered.compile(compiler_options={key: value})
+    try:
+        compiled = lowered.compile(compiler_options={key: value})
+    except Exception as e:  # XLA names the option and why it is refused
+        raise SystemExit(f"--xla-option {option!r} is refused: {e}") from None
     return lambda: jax.block_until_ready(compiled(model.decode_params, *encoded).tokens)
 
 
@@ -366,6 +369,7 @@ def main(argv=None) -> int:
     others = [w for w in dict.fromkeys(args.weights) if w != "f32"]
     variants = {w: bench.with_decode_weights(model, w) for w in others}
     variant_rows = []
+    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     for batch in args.batch_sizes:
         ids = testing.random_ids((batch, args.source_length), seed=batch, vocab_size=32100)
         mask = np.ones_like(ids)
@@ -434,7 +438,6 @@ def main(argv=None) -> int:
                 products_torch_ms_per_token=per_token.get("products torch"),
             )
         rows.append(row)
-        fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
         print(
             f"| {batch} | {floor_ms:.2f} | {per_token['decode_only']:.2f} | "
             f"{per_token['decode_only'] / floor_ms:.2f} | {per_token['end_to_end']:.2f} | "
@@ -490,11 +493,11 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|")
         for r in rows:
             torch_ms, hf_ms = r["products_torch_ms_per_token"], r.get("hf_ms_per_token")
+            hf_over_torch = None if torch_ms is None or hf_ms is None else hf_ms / torch_ms
             print(
-                f"| {r['batch']} | {r['products_xla_ms_per_token']:.2f} | "
-                f"{'-' if torch_ms is None else format(torch_ms, '.2f')} | "
+                f"| {r['batch']} | {r['products_xla_ms_per_token']:.2f} | {fmt(torch_ms, '.2f')} | "
                 f"{r['decode_ms_per_token'] / r['products_xla_ms_per_token']:.2f} | "
-                f"{'-' if torch_ms is None or hf_ms is None else format(hf_ms / torch_ms, '.2f')} |"
+                f"{fmt(hf_over_torch, '.2f')} |"
             )
     if args.xla_option:
         print("\n| batch | XLA option | decode ms/tok | over default | same tokens |")
