@@ -177,7 +177,13 @@ def test_threshold_search_finds_exact_crossing():
     zeta=st.floats(0.05, 0.95),
 )
 def test_threshold_is_first_crossing_of_the_posterior(w_agree, params, zeta):
-    """For any mixture: the value is above zeta, and no point of the grid below it is."""
+    """For any mixture: the posterior reaches zeta at the value, and no point of the grid below
+    it is above zeta.
+
+    The refined value is the crossing itself to float32 precision, where the posterior equals
+    zeta but for its last bits, and those differ between the search's compiled arithmetic and
+    this test's own evaluation (XLA may vectorise either differently): so at the value the test
+    asks for zeta up to a few ulps."""
     mixture = BetaMixture.create([1 - w_agree, w_agree], params[:2], params[2:])
     thr = mixture.threshold(zeta)
     grid = np.linspace(0.3, 0.9, 241, dtype=np.float32)
@@ -185,7 +191,8 @@ def test_threshold_is_first_crossing_of_the_posterior(w_agree, params, zeta):
     value = float(thr.value)
     if bool(thr.found):
         assert 0.3 - 1e-6 <= value <= 0.9 + 1e-6
-        assert float(mixture.posterior(value)) > zeta
+        ulps = 4 * np.spacing(np.float32(zeta))
+        assert float(mixture.posterior(value)) >= zeta - ulps
         assert not np.any(posterior[grid < value - 1e-6] > zeta)
     else:
         assert value == np.float32(0.9) and not np.any(posterior > zeta)
