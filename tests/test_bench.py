@@ -121,6 +121,16 @@ def test_table_json_and_plot(result, tmp_path):
     assert {"ms_per_token", "speedup", "ideal", "of_ideal", "peak_bytes"} <= set(data["rows"][0])
 
 
+def test_the_free_cases_can_decide_exits_with_an_int8_head(model):
+    cases = bench.default_cases(model, exit_layer=1, threshold=0.5, shallow_head="int8-dynamic")
+    free = [c for c in cases if c.method == "free"]
+    assert len(free) == 3 and all(c.options["shallow_head"] == "int8-dynamic" for c in free)
+    assert all(c.label.endswith("int8 head") for c in free)
+    assert all("shallow_head" not in c.options for c in cases if c.method != "free")
+    with pytest.raises(InputError, match=r"shallow_head='fp8' is invalid: one of \(None, 'int8"):
+        bench.default_cases(model, exit_layer=1, threshold=0.5, shallow_head="fp8")
+
+
 def test_peak_memory_of_a_decode_program(model, inputs):
     full = bench.default_cases(model, exit_layer=1, threshold=0.5)[0]
     ids = testing.random_ids((1, 16)), testing.random_ids((4, 16))

@@ -110,6 +110,11 @@ def test_decode_free_method_reports_exits(capsys):
     assert any(any(r["exited"]) for r in rows) and "exit rate" in out.err
     assert cli.main(argv[:-1] + ["--mode", "fast"]) == 2
     assert "mode='fast' is not known" in capsys.readouterr().err
+    assert cli.main(argv + ["--shallow-head", "int8-dynamic"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert any(any(r["exited"]) for r in rows)
+    assert cli.main(argv[:-1] + ["--shallow-head", "int4"]) == 2
+    assert "shallow_head='int4' is not known" in capsys.readouterr().err
 
 
 def test_decode_calm_method_reports_exits(capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -198,6 +199,28 @@ def test_batch_equals_rows_decoded_alone(model, batch, mode):
             np.testing.assert_array_equal(alone.exited[0], together.exited[b])
 
 
+def test_an_int8_shallow_head_keeps_exact_mode_exact(model, batch):
+    """With `shallow_head="int8-dynamic"` the shallow exit decides from an int8 copy of the
+    head: its confidences move (a little), and exact mode, whose deep exit keeps the float
+    head, still equals full decoding. (Batch independence holds only up to rare flips here, as
+    with any rounding of activations: a row's hidden state differs from the same row's in a
+    batch in its last bits, which can move a value across a rounding boundary.)"""
+    int8 = dict(shallow_head="int8-dynamic")
+    reference = _free(model, batch, 1.0)
+    measured = _free(model, batch, 1.0, **int8)  # never exits: every confidence, float tokens
+    np.testing.assert_array_equal(measured.tokens, reference.tokens)
+    seen = ~np.isnan(reference.confidence)
+    assert not np.array_equal(measured.confidence[seen], reference.confidence[seen])
+    np.testing.assert_allclose(measured.confidence[seen], reference.confidence[seen], atol=0.05)
+    # Mostly exits, so that some steps need no pass and drafts wait for a later one.
+    low = testing.threshold_between(measured.confidence[seen], 0.2)
+    exact = _free(model, batch, low, buffer_capacity=3, mode="exact", **int8)
+    assert exact.deep_pass_tokens.sum() > exact.deep_pass_rows.sum(), "passes verified drafts"
+    np.testing.assert_array_equal(exact.tokens, reference.tokens)
+    default = _free(model, batch, low, buffer_capacity=3, **int8)
+    assert 0 < default.exit_rate < 1
+
+
 def test_row_compacted_passes_keep_every_invariant(model):
     """Batch 8 passes run at 2 gathered rows or all 8 (`spd.row_buckets`). Thresholds that send
     no row, few rows and every row into passes: the batch equals each row alone (default
@@ -324,6 +347,7 @@ def small():
         (dict(confidence="entropy"), r"confidence='entropy' is not known; valid: \("),
         (dict(confidence="meta"), r"confidence=.meta. needs a model with a trained exit"),
         (dict(mode="speculative"), r"mode='speculative' is not known; valid modes: \('default'"),
+        (dict(shallow_head="int4"), r"shallow_head='int4' is not known; valid: \(None, 'int8-d"),
         (
             dict(mode="rollback", rollback_margin=1.5),
             r"rollback_margin must be a number in \[0, 1\]",
@@ -502,3 +526,11 @@ def test_the_deep_cross_attention_is_computed_at_the_first_deep_pass_only(model,
     got_kv, want_kv = deep.cache.cross_k + deep.cache.cross_v, full.cross_k + full.cross_v
     for got, want in zip(got_kv, want_kv, strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_an_int8_shallow_head_is_refused_on_a_mesh(small):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    with pytest.raises(InputError, match=r"shallow_head='int8-dynamic' does not work with mesh"):
+        free_jax.decode(
+            small, np.array([[5, 6, 7]]), method="free", shallow_head="int8-dynamic", mesh=mesh
+        )

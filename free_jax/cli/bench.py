@@ -54,6 +54,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="f32",
         help="decoder weights: f32 (as stored), bf16, int8 or int8-dynamic (Model.quantize)",
     )
+    parser.add_argument(
+        "--shallow-head",
+        default=None,
+        help="FREE cases: int8-dynamic decides exits with an int8 copy of the LM head",
+    )
     parser.add_argument("--out", default="bench_out", help="where bench.json and the plot go")
 
 
@@ -70,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
         model = bench.with_decode_weights(_trained_model(args), args.weights)
         inputs, threshold = _task_inputs(args, model), args.threshold
     cases = bench.default_cases(
-        model, exit_layer=args.exit_layer, threshold=threshold, max_wait=args.max_wait
+        model,
+        exit_layer=args.exit_layer,
+        threshold=threshold,
+        max_wait=args.max_wait,
+        shallow_head=args.shallow_head,
     )
     result = bench.run_bench(
         model,

@@ -80,6 +80,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-wait", type=int, default=0, help="free: steps a row may wait")
     parser.add_argument("--wait-mode", default="hold", help="free: hold or draft")
     parser.add_argument(
+        "--shallow-head",
+        default=None,
+        help="free: int8-dynamic decides exits with an int8 copy of the LM head (faster at large "
+        "vocabularies; the deep exit keeps the model's head)",
+    )
+    parser.add_argument(
         "--calm-tau", type=float, default=4.0, help="calm: threshold decay temperature"
     )
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -164,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         max_wait=args.max_wait,
         wait_mode=args.wait_mode,
         calm_tau=args.calm_tau,
+        shallow_head=args.shallow_head,
     )
     done = time.perf_counter()
     for i in range(out.tokens.shape[0]):

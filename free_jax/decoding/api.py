@@ -256,6 +256,7 @@ def decode(
     max_wait: int = 0,
     wait_mode: str = "hold",
     calm_tau: float | None = calm_search.DEFAULT_TAU,
+    shallow_head: str | None = None,
     encoder_length: int | None = None,
     mesh: Any = None,
 ) -> DecodeOutput:
@@ -307,6 +308,13 @@ def decode(
         redone). Not "draft" with mode="rollback". See `free_jax.decoding.spd`.
       calm_tau: "calm": the threshold decay's temperature τ; None keeps the threshold
         constant.
+      shallow_head: "free": None (the model's LM head) or "int8-dynamic": the shallow exit's
+        logits, which pick its token and its confidence, come from an int8 copy of the head
+        (`Model.int8_exit_head`, with activations rounded to int8 per row: XLA CPU's fast
+        product). On a large vocabulary the head is about half of a shallow step at batch 8.
+        The deep blocks' exit keeps the model's head, so exact mode still equals full decoding;
+        a batch decodes as its rows alone up to rare flips (rounded activations). Not with
+        `mesh`.
       encoder_length: the encoder output is padded (masked) to this many positions before the
         decode loop, so sources of different lengths share one compiled loop (the encoder itself
         runs at the source's length, rounded up to a multiple of 16). Default: that rounded
@@ -338,7 +346,13 @@ def decode(
         max_wait=max_wait,
         wait_mode=wait_mode,
         calm_tau=calm_tau,
+        shallow_head=shallow_head,
     )
+    if mesh is not None and shallow_head is not None:
+        raise InputError(
+            f"shallow_head={shallow_head!r} does not work with mesh= yet; decode without a "
+            "mesh, or with shallow_head=None."
+        )
     if mesh is not None:
         mesh = mesh_decode.check_mesh(mesh)
         model = model.shard(mesh)  # a no-op for a model already placed on this mesh

@@ -44,6 +44,7 @@ from free_jax.decoding import SOURCE_BUCKET, decode, free_settings
 from free_jax.decoding import methods as decode_methods
 from free_jax.decoding.api import encode_source
 from free_jax.decoding.methods.base import DecodeCall, DecodeOptions, default_exit_layer
+from free_jax.decoding.methods.free import SHALLOW_HEADS
 from free_jax.errors import InputError
 from free_jax.models import quantize
 from free_jax.models.model import Model
@@ -147,21 +148,31 @@ def default_cases(
     exit_layer: int | None = None,
     threshold: float | None = None,
     max_wait: int = 4,
+    shallow_head: str | None = None,
 ) -> list[BenchCase]:
     """Full, static, CALM, and FREE (default mode, draft waiting, exact mode), all exiting at the
-    same layer and threshold: the model's saved FREE settings unless given."""
+    same layer and threshold: the model's saved FREE settings unless given. `shallow_head` is
+    `decode`'s, for the FREE cases (their labels say "int8 head")."""
     saved = free_settings(model)
     layer = exit_layer if exit_layer is not None else saved.get("exit_layer")
     layer = layer if layer is not None else default_exit_layer(model.config)
     thr = threshold if threshold is not None else float(saved.get("threshold", 0.9))
     free = dict(method="free", exit_layer=layer, threshold=thr)
+    if shallow_head not in SHALLOW_HEADS:
+        raise InputError(f"shallow_head={shallow_head!r} is invalid: one of {SHALLOW_HEADS}.")
+    head = ""
+    if shallow_head is not None:
+        free["shallow_head"] = shallow_head
+        head = f" {shallow_head.split('-')[0]} head"
     return [
         BenchCase.make("full", method="full"),
         BenchCase.make(f"static Ls={layer}", method="static", exit_layer=layer),
         BenchCase.make(f"calm thr={thr:.2f}", method="calm", exit_layer=layer, threshold=thr),
-        BenchCase.make(f"free thr={thr:.2f}", **free),
-        BenchCase.make(f"free draft w={max_wait}", **free, max_wait=max_wait, wait_mode="draft"),
-        BenchCase.make("free exact", **free, mode="exact"),
+        BenchCase.make(f"free thr={thr:.2f}{head}", **free),
+        BenchCase.make(
+            f"free draft w={max_wait}{head}", **free, max_wait=max_wait, wait_mode="draft"
+        ),
+        BenchCase.make(f"free exact{head}", **free, mode="exact"),
     ]
 
 

@@ -49,6 +49,17 @@ class Model:
             return fused
         return quantize.quantize_decode_params(fused, self.quantization)
 
+    @functools.cached_property
+    def int8_exit_head(self) -> quantize.Int8Weight:
+        """The LM head FREE's shallow exit uses with `decode(..., shallow_head="int8-dynamic")`:
+        `decode_params`' head in int8 (per-column scales; activations rounded to int8 per row,
+        so that the product is XLA CPU's fast int8 one). Made on first use and kept: a quarter
+        of the head's float32 bytes again. `release_decode_params` frees it."""
+        head = self.decode_params["lm_head"]
+        if isinstance(head, quantize.Int8Weight):  # the model decodes in int8 already
+            return head.replace(dynamic=True)
+        return quantize.quantize_kernel(head, dynamic=True)
+
     def quantize(self, mode: str | None = "int8") -> Model:
         """The same model decoding with int8 decoder weights (per-output-channel scales).
 
@@ -66,8 +77,10 @@ class Model:
         return dataclasses.replace(self, quantization=mode)
 
     def release_decode_params(self) -> None:
-        """Drops the cached `decode_params` (the next decode makes them again)."""
+        """Drops the cached `decode_params` and `int8_exit_head` (the next decode makes them
+        again)."""
         self.__dict__.pop("decode_params", None)
+        self.__dict__.pop("int8_exit_head", None)
 
     def shard(self, mesh: Any) -> Model:
         """The model with its parameters (and `decode_params`) placed on a decoding mesh.

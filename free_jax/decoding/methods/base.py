@@ -42,6 +42,7 @@ class DecodeOptions:
     max_wait: int = 0
     wait_mode: str = "hold"
     calm_tau: float | None = None
+    shallow_head: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

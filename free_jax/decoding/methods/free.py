@@ -4,6 +4,8 @@ A token whose shallow confidence beats `threshold` exits after block `exit_layer
 later run once over all exited tokens, so the deep KV cache stays exact. `mode="exact"` verifies
 the exited tokens and reproduces full-model greedy output. A `ThresholdEstimator` as the threshold
 makes it adaptive: its current threshold is used, and each decoded row is added to its data.
+`shallow_head="int8-dynamic"` computes the shallow exit's logits (its token and its confidence)
+with an int8 copy of the LM head (`Model.int8_exit_head`); the deep head stays as it is.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ from free_jax.models.config import T5Config
 from free_jax.models.model import Model
 
 MODES = spd.MODES
+#: What `decode(..., shallow_head=...)` takes: None (the model's own head) or an int8 copy of it.
+SHALLOW_HEADS = (None, "int8-dynamic")
+#: Where `Free.run` puts that copy in the parameters `free_decode` gets.
+SHALLOW_HEAD_KEY = "shallow_lm_head"
 
 
 @functools.partial(
@@ -90,6 +96,9 @@ def free_decode(
       record_agreement: record the shallow/deep agreement of pending tokens too (costs the deep
         exit head on every position of a deep pass; exact mode has it anyway).
       keep_cache: return the final decoder cache in `SpdResult.cache` (else None).
+
+    With `params[SHALLOW_HEAD_KEY]` (an `Int8Weight`), the shallow exit's logits come from it
+    rather than from `params["lm_head"]`, which the deep blocks' exit keeps.
     """
     B = encoder_output.shape[0]
     L, Ls = config.num_decoder_layers, exit_layer
@@ -101,6 +110,11 @@ def free_decode(
 
     def prepare_fn(cache):
         return t5.fill_cross_attention(params, config, cache, encoder_output, start=Ls, stop=L)
+
+    # The shallow exit's head: the int8 copy where the caller passed one (`shallow_head`).
+    shallow_params = params
+    if SHALLOW_HEAD_KEY in params:
+        shallow_params = {**params, "lm_head": params[SHALLOW_HEAD_KEY]}
 
     def shallow_fn(cache, tokens, active):
         x = t5.embed(params, tokens[:, None])  # [B, 1, D]
@@ -115,7 +129,7 @@ def free_decode(
             return_block_states=confidence == "state_cosine",
         )
         hidden = out.hidden[:, 0]  # [B, D]
-        logits = t5.exit_head(params, config, hidden)
+        logits = t5.exit_head(shallow_params, config, hidden)
         before = None
         if confidence == "state_cosine":
             before = out.block_states[-2][:, 0] if Ls > 1 else x[:, 0]
@@ -169,6 +183,7 @@ class FreeSettings:
     rollback_margin: float
     max_wait: int
     wait_mode: str
+    shallow_head: str | None
     # The adaptive `ThresholdEstimator`, or None; host-side only (`finish`), so not part of the
     # settings' equality and hash, which select a compiled program on a mesh.
     estimator: Any = dataclasses.field(compare=False)
@@ -206,6 +221,11 @@ class Free(Method):
                 f"rollback_margin must be a number in [0, 1] (a difference of probabilities), "
                 f"got {margin!r}."
             )
+        if options.shallow_head not in SHALLOW_HEADS:
+            raise InputError(
+                f"shallow_head={options.shallow_head!r} is not known; valid: {SHALLOW_HEADS} "
+                "(None: the model's own head)."
+            )
         record = bool(options.record_agreement)
         estimator = _as_estimator(threshold, confidence)
         if estimator is not None:
@@ -220,12 +240,16 @@ class Free(Method):
             rollback_margin=float(margin),
             max_wait=max_wait,
             wait_mode=wait_mode,
+            shallow_head=options.shallow_head,
             estimator=estimator,
         )
 
     def run(self, s: FreeSettings, call: DecodeCall) -> spd.SpdResult:
+        params = call.params
+        if s.shallow_head is not None:
+            params = {**params, SHALLOW_HEAD_KEY: call.model.int8_exit_head}
         return free_decode(
-            call.params,
+            params,
             call.encoder_output,
             call.encoder_mask,
             s.threshold,
