@@ -528,6 +528,18 @@ def test_the_deep_cross_attention_is_computed_at_the_first_deep_pass_only(model,
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
+def test_the_int8_exit_head_first_made_inside_a_trace_is_concrete():
+    """`free-jax bench` measures a program's memory by tracing a method's `run`, which is where
+    the int8 head is first asked for: it must be made eagerly, not cached as a tracer."""
+    model = testing.tiny_model("v1.0", seed=5)
+    jax.jit(lambda x: x + model.int8_exit_head.q.sum())(1)
+    head = model.int8_exit_head
+    assert not isinstance(head.q, jax.core.Tracer) and head.q.dtype == jnp.int8
+    np.testing.assert_array_equal(
+        head.q, free_jax.models.quantize.quantize_kernel(model.decode_params["lm_head"]).q
+    )
+
+
 def test_an_int8_shallow_head_is_refused_on_a_mesh(small):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     with pytest.raises(InputError, match=r"shallow_head='int8-dynamic' does not work with mesh"):

@@ -55,10 +55,13 @@ class Model:
         `decode_params`' head in int8 (per-column scales; activations rounded to int8 per row,
         so that the product is XLA CPU's fast int8 one). Made on first use and kept: a quarter
         of the head's float32 bytes again. `release_decode_params` frees it."""
-        head = self.decode_params["lm_head"]
-        if isinstance(head, quantize.Int8Weight):  # the model decodes in int8 already
-            return head.replace(dynamic=True)
-        return quantize.quantize_kernel(head, dynamic=True)
+        # Made eagerly even when first asked for inside a trace (a method's `run` under `jit`):
+        # a traced copy would be cached here and leak out of that trace.
+        with jax.ensure_compile_time_eval():
+            head = self.decode_params["lm_head"]
+            if isinstance(head, quantize.Int8Weight):  # the model decodes in int8 already
+                return head.replace(dynamic=True)
+            return quantize.quantize_kernel(head, dynamic=True)
 
     def quantize(self, mode: str | None = "int8") -> Model:
         """The same model decoding with int8 decoder weights (per-output-channel scales).
