@@ -11,7 +11,7 @@ import pytest
 
 import free_jax
 from free_jax import testing
-from free_jax.decoding.search import greedy_search, greedy_token
+from free_jax.decoding.search import greedy_search, greedy_token, top_two_logits
 from free_jax.errors import InputError
 from free_jax.models import t5
 from free_jax.models.kv_cache import DecoderCache
@@ -459,6 +459,50 @@ def test_greedy_token_is_argmax_with_the_first_of_tied_maxima():
     np.testing.assert_array_equal(np.asarray(greedy_token(logits)), logits.argmax(-1))
     assert np.asarray(greedy_token(logits)).dtype == np.int32
     assert int(greedy_token(logits)[3]) == 7
+
+
+# 50 = 2 blocks of 25, 97 is prime (no blocks), 2048 the demo's vocabulary, 32128 T5's.
+@pytest.mark.parametrize("vocab", [50, 97, 2048, 32128])
+def test_greedy_token_by_blocks_is_argmax_of_the_suppressed_logits(vocab):
+    """`greedy_token` reads the vocabulary in blocks and forbids a banned token without writing
+    suppressed logits; it must equal `argmax` of the suppressed logits, ties, -inf and a banned
+    maximum included, for [B, V] and [B, Q, V] logits."""
+    rng = np.random.default_rng(vocab)
+    eos = 1
+    logits = rng.normal(size=(9, vocab)).astype(np.float32)
+    logits[0, eos] = 50.0  # the banned token is the maximum: the next one wins
+    logits[1, eos] = 50.0  # ... but not banned in this row
+    logits[2] = np.round(logits[2])  # many ties, across blocks
+    logits[3, [eos, 5, vocab - 1]] = 9.0  # a tie with the banned token
+    logits[4] = -np.inf  # nothing allowed: index 0, as argmax
+    logits[5] = 0.0
+    logits[6, [vocab - 2, vocab - 1]] = 20.0  # a tie in the last block
+    logits[7, 2:] = -np.inf  # only the banned token and one other are finite
+    logits[8, eos] = np.inf
+    ban = np.array([True, False, True, True, True, True, False, True, True])
+    suppressed = np.where(ban[:, None] & (np.arange(vocab) == eos), -np.inf, logits)
+    got = np.asarray(greedy_token(jnp.asarray(logits), (eos, jnp.asarray(ban))))
+    np.testing.assert_array_equal(got, suppressed.argmax(-1))
+    np.testing.assert_array_equal(np.asarray(greedy_token(logits)), logits.argmax(-1))
+    # Per-query masks, as the deep passes give them.
+    queries = logits.reshape(3, 3, vocab)
+    got = greedy_token(jnp.asarray(queries), (eos, jnp.asarray(ban.reshape(3, 3))))
+    np.testing.assert_array_equal(np.asarray(got), suppressed.reshape(3, 3, vocab).argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [50, 97, 2048])
+def test_top_two_logits_are_the_two_largest_counting_ties(vocab):
+    rng = np.random.default_rng(vocab + 1)
+    logits = rng.normal(size=(6, vocab)).astype(np.float32)
+    logits[1, [3, vocab - 1]] = 7.0  # tied maxima in different blocks: second == first
+    logits[2, [3, 4]] = 7.0  # tied in one block
+    logits[3] = np.round(logits[3] * 2)  # ties everywhere
+    logits[4, 0] = 100.0  # a clear maximum at the first index
+    first, second = (np.asarray(a) for a in top_two_logits(jnp.asarray(logits)))
+    ordered = np.sort(logits, axis=-1)
+    np.testing.assert_array_equal(first, ordered[:, -1])
+    np.testing.assert_array_equal(second, ordered[:, -2])
+    assert second[1] == first[1] and second[2] == first[2]
 
 
 def test_fetch_brings_every_leaf_back_bit_for_bit():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from free_jax.decoding.search import top_two_logits
 from free_jax.models import exit_classifier
 from free_jax.models.config import T5Config
 
@@ -31,22 +32,17 @@ def confidence_score(name: str, logits: jax.Array, states: tuple[jax.Array, ...]
         dot = jnp.sum(before * after, axis=-1)
         norms = jnp.linalg.norm(before, axis=-1) * jnp.linalg.norm(after, axis=-1)
         return dot / jnp.maximum(norms, 1e-12)
-    # From the logits, without materialising the softmax or taking an arg-max: with l1 >= l2
-    # the two largest logits and Z = sum(exp(logits - l1)), p1 = 1 / Z and p2 = exp(l2 - l1) / Z.
-    # Only max and sum reductions, which vectorise; an arg-max (a variadic reduction) and the
-    # softmax's extra passes made this two thirds of FREE's per-step cost over static exiting
-    # at batch 1 on a CPU. lax.top_k would sort.
+    # From the logits, without materialising the softmax: with l1 >= l2 the two largest logits
+    # and Z = sum(exp(logits - l1)), p1 = 1 / Z and p2 = exp(l2 - l1) / Z. Only max and sum
+    # reductions, which vectorise; `jnp.argmax` (a variadic reduction) and the softmax's extra
+    # passes made this two thirds of FREE's per-step cost over static exiting at batch 1 on a
+    # CPU. lax.top_k would sort.
     logits = logits.astype(jnp.float32)
-    first = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]
-    total = jnp.sum(jnp.exp(logits - first), axis=-1)  # [B], >= 1
+    first, second = top_two_logits(logits)  # equal at a tied maximum: a difference of 0
+    total = jnp.sum(jnp.exp(logits - first[..., None]), axis=-1)  # [B], >= 1
     if name == "softmax_max":
         return 1.0 / total
-    # The second-largest logit counts ties: a tied maximum makes the difference exactly 0.
-    is_top = logits == first
-    second = jnp.max(jnp.where(is_top, -jnp.inf, logits), axis=-1)
-    tied = jnp.sum(is_top.astype(jnp.int32), axis=-1) > 1
-    second = jnp.where(tied, first[:, 0], second)
-    return -jnp.expm1(second - first[:, 0]) / total
+    return -jnp.expm1(second - first) / total
 
 
 def exit_confidence(

@@ -83,7 +83,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from free_jax.decoding.search import greedy_token, suppress_eos
+from free_jax.decoding.search import eos_ban, greedy_token, suppress_eos
 from free_jax.models.inplace import run_if
 
 Array = jax.Array
@@ -525,8 +525,7 @@ class _Loop:
         active = ~s.done
         stepping = active & ~s.waiting  # waiting rows hold their token and take no step
         logits, hidden, conf, cache = self.shallow_fn(s.cache, s.last_token, stepping)
-        logits = self._suppress_eos(logits, s.position)
-        shallow_token = greedy_token(logits)  # [B]
+        shallow_token = greedy_token(logits, self._eos_ban(s.position))  # [B]
         run_length = s.free_run if self.drafting else s.pending_count
         exits = (conf > self.threshold) & (run_length < self.K_rule) & stepping
         if self.exact:  # never leave an unverified EOS or last token behind
@@ -731,11 +730,12 @@ class _Loop:
                 hidden, cache = self.deep_fn(cache, *args)  # [r, q, D]
                 if self.every_position:
                     at = jax.lax.dynamic_slice_in_dim(pass_positions, start, q, axis=1)
-                    logits = self._suppress_eos(self.head_fn(hidden), at)
+                    logits = self.head_fn(hidden)
                     tokens = jax.lax.dynamic_update_slice_in_dim(
-                        tokens, greedy_token(logits), start, axis=1
+                        tokens, greedy_token(logits, self._eos_ban(at)), start, axis=1
                     )
                     if self.mode == "rollback":  # p_deep(argmax) - p_deep(draft), per slot
+                        logits = self._suppress_eos(logits, at)
                         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
                         drafted = jax.lax.dynamic_slice_in_dim(pick(drafts), start, q, axis=1)
                         drafted = jnp.take_along_axis(probs, drafted[..., None], axis=-1)
@@ -766,8 +766,9 @@ class _Loop:
                     return tokens, put(no_margin, margin[:, : K + 1]), cache
                 return tokens, no_margin, cache
             # One head row per row: the current token's.
-            logits = self._suppress_eos(self.head_fn(current), pick(s.position))
-            token = put(jnp.zeros((B,), jnp.int32), greedy_token(logits))
+            logits = self.head_fn(current)
+            token = greedy_token(logits, self._eos_ban(pick(s.position)))
+            token = put(jnp.zeros((B,), jnp.int32), token)
             tokens = jnp.where(self.slots[None, :] == count[:, None], token[:, None], self.pad_id)
             return tokens, no_margin, cache
 
@@ -857,6 +858,9 @@ class _Loop:
         s = self.push(s, d.hidden, bystanders)
         s = self.emit(s, d.shallow_token, bystanders, exited=jnp.ones_like(bystanders))
         return s.replace(cache=self.truncate_fn(s.cache, s.position), step=s.step + 1)
+
+    def _eos_ban(self, position: Array) -> tuple[int, Array] | None:
+        return eos_ban(position, eos_id=self.eos_id, min_new_tokens=self.min_new_tokens)
 
     def _suppress_eos(self, logits: Array, position: Array) -> Array:
         return suppress_eos(
