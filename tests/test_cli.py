@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -86,6 +87,27 @@ def test_console_script_runs():
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "decode" in result.stdout and "fit-threshold" in result.stdout
+
+
+def test_decode_keeps_its_compiled_programs_for_the_next_run(tmp_path, capsys):
+    """`free-jax decode` (as eval, demo, bench and calibrate) keeps the programs it compiles in
+    a persistent cache, `--compile-cache` or the default; `--no-compile-cache` keeps none."""
+    import jax
+
+    cache = tmp_path / "compiled"
+    argv = ["decode", "--model", "tiny-random", "--max-new-tokens", "3", "--method", "free"]
+    before = jax.config.jax_compilation_cache_dir
+    assert cli.main(argv + ["--compile-cache", str(cache)]) == 0
+    assert any(cache.iterdir()), "no compiled program was kept"
+    assert jax.config.jax_compilation_cache_dir == before  # for the command only
+    elsewhere = tmp_path / "not-used"
+    assert cli.main(argv + ["--compile-cache", str(elsewhere), "--no-compile-cache"]) == 0
+    assert not elsewhere.exists()
+    commands = next(
+        a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    for command in ("decode", "bench", "calibrate", "eval", "demo"):
+        assert "--no-compile-cache" in commands[command]._option_string_actions, command
 
 
 def test_decode_free_method_reports_exits(capsys):

@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from free_jax.cli import compile_cache
+
 RANDOM_PREFIX = "random:"
 
 
@@ -60,6 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="FREE cases: int8-dynamic decides exits with an int8 copy of the LM head",
     )
     parser.add_argument("--out", default="bench_out", help="where bench.json and the plot go")
+    compile_cache.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

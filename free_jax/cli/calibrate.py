@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from free_jax.cli import compile_cache
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -34,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the choice as JSON here")
+    compile_cache.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+from free_jax.cli import compile_cache
 from free_jax.errors import InputError
 
 TINY_RANDOM = "tiny-random"
@@ -99,6 +100,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--truncate", action="store_true", help="cut over-long inputs, warned")
     parser.add_argument("--seed", type=int, default=0, help=f"seed of the {TINY_RANDOM} model")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
+    compile_cache.add_arguments(parser)
 
 
 def tiny_random_model(seed: int = 0):

@@ -13,14 +13,13 @@ and writes `report.json` and `quality_vs_speed.png`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from free_jax.checkpoints import loading
+from free_jax.cli import compile_cache
 
 DEMO_MODEL = loading.DEMO_MODEL
 DEMO_SPLIT = "test"
@@ -30,12 +29,6 @@ DEMO_EXAMPLES = 100
 DEMO_THRESHOLDS = (0.9, 0.5, 0.2, 0.1)
 QUICK_EXAMPLES = 25
 QUICK_THRESHOLDS = (0.8, 0.4)
-
-
-def default_compile_cache() -> Path:
-    """`$FREE_JAX_CACHE/jax`, else `~/.cache/free_jax/jax`: compiled programs kept between runs."""
-    root = os.environ.get("FREE_JAX_CACHE") or Path.home() / ".cache" / "free_jax"
-    return Path(root) / "jax"
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,12 +55,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
         help="the sweep's static exits (default: every layer below the top)",
     )
     parser.add_argument("--no-sweep", action="store_true", help="only the main methods")
-    parser.add_argument(
-        "--compile-cache",
-        default=None,
-        help=f"keep compiled programs here between runs (default {default_compile_cache()})",
-    )
-    parser.add_argument("--no-compile-cache", action="store_true")
+    compile_cache.add_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -129,43 +117,6 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     _common_arguments(parser)
 
 
-#: The jax settings `compile_cache` changes, and restores when the command ends.
-_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-
-
-@contextlib.contextmanager
-def compile_cache(args: argparse.Namespace):
-    """Keeps the programs a command compiles in a persistent cache, for the command only.
-
-    jax's cache settings are process-wide: a command run in-process (`free_jax.cli.main` from a
-    notebook or a test) would otherwise leave them set for all of the caller's later jitted code.
-    Restoring the settings is not enough: jax opens the cache at the first compilation that
-    finds a directory set and keeps it open whatever the settings say later, so the cache is
-    reset on the way in (the command's directory takes effect even after earlier compilations)
-    and on the way out (the caller's settings take effect again).
-    """
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as jax_cache
-
-    saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
-    jax_cache.reset_cache()
-    if not args.no_compile_cache:
-        path = Path(args.compile_cache) if args.compile_cache else default_compile_cache()
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            print(f"# not caching compiled programs ({path}: {e})", file=sys.stderr)
-        else:
-            jax.config.update(_CACHE_SETTINGS[0], str(path))
-            jax.config.update(_CACHE_SETTINGS[1], 0.5)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            jax.config.update(name, value)
-        jax_cache.reset_cache()
-
-
 def _specs(
     args: argparse.Namespace, model: Any, thresholds: Any, static_layers: Any = None
 ) -> tuple[list, list]:
@@ -194,11 +145,6 @@ def _finish(report: Any, out: str, started: float) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    with compile_cache(args):
-        return _run_eval(args)
-
-
-def _run_eval(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from free_jax import evaluation
 
@@ -251,11 +197,6 @@ def demo_unavailable_message() -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    with compile_cache(args):
-        return _run_demo(args)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model_path = Path(args.model) if args.model else DEMO_MODEL
     if args.model is None and not DEMO_MODEL.is_dir():

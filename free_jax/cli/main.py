@@ -19,9 +19,10 @@ free-jax bench [--model demo|random:t5-base] [--batch-sizes 1 8 32]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
-from free_jax.cli import bench, calibrate, decode, evaluate, fit_threshold, train
+from free_jax.cli import bench, calibrate, compile_cache, decode, evaluate, fit_threshold, train
 from free_jax.cli.quiet import quiet_libraries
 from free_jax.errors import CheckpointError, ConfigError, DataError, InputError
 
@@ -48,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with quiet_libraries():
+        # Commands that compile decode programs keep them in a persistent cache, for the
+        # command only (`compile_cache`).
+        cache = contextlib.nullcontext()
+        if hasattr(args, "no_compile_cache"):
+            cache = compile_cache.scoped(args)
+        with quiet_libraries(), cache:
             return SUBCOMMANDS[args.command][1](args)
     except (InputError, ConfigError, CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

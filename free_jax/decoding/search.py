@@ -68,9 +68,7 @@ def suppress_eos(logits: Array, position: Array, *, eos_id: int, min_new_tokens:
     return logits.at[..., eos_id].set(jnp.where(blocked, -jnp.inf, logits[..., eos_id]))
 
 
-def eos_ban(
-    position: Array, *, eos_id: int, min_new_tokens: int
-) -> tuple[int, Array] | None:
+def eos_ban(position: Array, *, eos_id: int, min_new_tokens: int) -> tuple[int, Array] | None:
     """The `banned` argument of `greedy_token` that forbids EOS at output positions below
     `min_new_tokens` (None when nothing is forbidden): what `suppress_eos` does to the logits,
     without writing a suppressed copy of them.
