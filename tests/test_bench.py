@@ -127,7 +127,7 @@ def test_the_free_cases_can_decide_exits_with_an_int8_head(model):
     assert len(free) == 3 and all(c.options["shallow_head"] == "int8-dynamic" for c in free)
     assert all(c.label.endswith("int8 head") for c in free)
     assert all("shallow_head" not in c.options for c in cases if c.method != "free")
-    with pytest.raises(InputError, match=r"shallow_head='fp8' is invalid: one of \(None, 'int8"):
+    with pytest.raises(InputError, match=r"shallow_head='fp8' is not known; valid: \(None, 'int8"):
         bench.default_cases(model, exit_layer=1, threshold=0.5, shallow_head="fp8")
 
 

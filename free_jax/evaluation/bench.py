@@ -44,7 +44,7 @@ from free_jax.decoding import SOURCE_BUCKET, decode, free_settings
 from free_jax.decoding import methods as decode_methods
 from free_jax.decoding.api import encode_source
 from free_jax.decoding.methods.base import DecodeCall, DecodeOptions, default_exit_layer
-from free_jax.decoding.methods.free import SHALLOW_HEADS
+from free_jax.decoding.methods.free import check_shallow_head
 from free_jax.errors import InputError
 from free_jax.models import quantize
 from free_jax.models.model import Model
@@ -158,8 +158,7 @@ def default_cases(
     layer = layer if layer is not None else default_exit_layer(model.config)
     thr = threshold if threshold is not None else float(saved.get("threshold", 0.9))
     free = dict(method="free", exit_layer=layer, threshold=thr)
-    if shallow_head not in SHALLOW_HEADS:
-        raise InputError(f"shallow_head={shallow_head!r} is invalid: one of {SHALLOW_HEADS}.")
+    check_shallow_head(shallow_head)
     head = ""
     if shallow_head is not None:
         free["shallow_head"] = shallow_head

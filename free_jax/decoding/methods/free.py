@@ -172,6 +172,15 @@ def free_decode(
     return result if keep_cache else result.replace(cache=None)
 
 
+def check_shallow_head(shallow_head: str | None) -> None:
+    """Raises `InputError` unless `shallow_head` is one of `SHALLOW_HEADS`."""
+    if shallow_head not in SHALLOW_HEADS:
+        raise InputError(
+            f"shallow_head={shallow_head!r} is not known; valid: {SHALLOW_HEADS} "
+            "(None: the model's own head)."
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class FreeSettings:
     exit_layer: int
@@ -221,11 +230,7 @@ class Free(Method):
                 f"rollback_margin must be a number in [0, 1] (a difference of probabilities), "
                 f"got {margin!r}."
             )
-        if options.shallow_head not in SHALLOW_HEADS:
-            raise InputError(
-                f"shallow_head={options.shallow_head!r} is not known; valid: {SHALLOW_HEADS} "
-                "(None: the model's own head)."
-            )
+        check_shallow_head(options.shallow_head)
         record = bool(options.record_agreement)
         estimator = _as_estimator(threshold, confidence)
         if estimator is not None:
