@@ -62,10 +62,15 @@ def suppress_eos(logits: Array, position: Array, *, eos_id: int, min_new_tokens:
       position: the output position of each row of logits, broadcastable to `logits[..., 0]`
         (a scalar step, per-row positions [B], or per-query positions [B, Q]).
     """
-    if min_new_tokens <= 0:
+    return _banned_logits(logits, eos_ban(position, eos_id=eos_id, min_new_tokens=min_new_tokens))
+
+
+def _banned_logits(logits: Array, banned: tuple[int, Array] | None) -> Array:
+    """A copy of `logits` with the banned token's logit at -inf where its mask is set."""
+    if banned is None:
         return logits
-    blocked = position < min_new_tokens
-    return logits.at[..., eos_id].set(jnp.where(blocked, -jnp.inf, logits[..., eos_id]))
+    token, where = banned
+    return logits.at[..., token].set(jnp.where(where, -jnp.inf, logits[..., token]))
 
 
 def eos_ban(position: Array, *, eos_id: int, min_new_tokens: int) -> tuple[int, Array] | None:
@@ -102,35 +107,34 @@ def _block_width(vocab: int) -> int | None:
 
 
 class _Blocks:
-    """The arg-max of logits [..., V] by blocks, with `banned` entries read as -inf."""
+    """The arg-max of logits [..., V] by blocks, with the `banned` token read as -inf where its
+    mask is set."""
 
     def __init__(self, logits: Array, banned: tuple[int, Array] | None = None):
-        V = logits.shape[-1]
-        d = _block_width(V)
-        assert d is not None
-        self.d, self.n = d, V // d
-        lead = logits.shape[:-1]
-        self.x = logits.reshape(*lead, self.n, d)
-        self.block_max = jnp.max(self.x, axis=-1)  # [..., n]
-        self.banned = None
+        lead, V = logits.shape[:-1], logits.shape[-1]
+        self.d = d = _block_width(V)
+        self.n = V // d
+        x = logits.reshape(*lead, self.n, d)
+        self.block_max = jnp.max(x, axis=-1)  # [..., n]
+        unban = None
         if banned is not None:
             token, where = banned
-            block, offset = divmod(token, d)
+            ban_block, offset = divmod(token, d)
             where = jnp.broadcast_to(where, lead)
-            self.banned = (block, offset, where)
-            inside = jnp.where(
-                where[..., None] & (jnp.arange(d) == offset), -jnp.inf, self.x[..., block, :]
-            )
-            self.block_max = self.block_max.at[..., block].set(jnp.max(inside, axis=-1))
+
+            def unban(chunk: Array, in_ban_block: Array | bool) -> Array:
+                hit = (where & in_ban_block)[..., None] & (jnp.arange(d) == offset)
+                return jnp.where(hit, -jnp.inf, chunk)
+
+            inside = unban(x[..., ban_block, :], True)
+            self.block_max = self.block_max.at[..., ban_block].set(jnp.max(inside, axis=-1))
         self.first = jnp.max(self.block_max, axis=-1)  # [...]
         # The first block that reaches the maximum holds its first index. Clamped: NaN logits
         # reach nothing and give some index in range.
         self.block = _first_index(self.block_max, self.first)
-        self.chunk = jnp.take_along_axis(self.x, self.block[..., None, None], axis=-2)[..., 0, :]
-        if self.banned is not None:
-            block, offset, where = self.banned
-            hit = where & (self.block == block)
-            self.chunk = jnp.where(hit[..., None] & (jnp.arange(d) == offset), -jnp.inf, self.chunk)
+        self.chunk = jnp.take_along_axis(x, self.block[..., None, None], axis=-2)[..., 0, :]
+        if unban is not None:
+            self.chunk = unban(self.chunk, self.block == ban_block)
         self.offset = _first_index(self.chunk, self.first)
 
     @property
@@ -168,10 +172,7 @@ def greedy_token(logits: Array, banned: tuple[int, Array] | None = None) -> Arra
     """
     if _block_width(logits.shape[-1]) is not None:
         return _Blocks(logits, banned).token
-    if banned is not None:
-        token, where = banned
-        blocked = jnp.where(where, -jnp.inf, logits[..., token])
-        logits = logits.at[..., token].set(blocked)
+    logits = _banned_logits(logits, banned)
     return _first_index(logits, jnp.max(logits, axis=-1))
 
 
