@@ -4,6 +4,10 @@ The loop sees the model only through a `step_fn(cache, tokens, step) -> (logits,
 so its logic can be tested with scripted logits and no weights, and other decoding methods can
 reuse it. The whole search is one `lax.while_loop` with static shapes; finished rows keep stepping
 (their outputs are masked to padding) and the loop stops when every row is done.
+
+Also the reductions over the vocabulary that every decoding method's step shares: the greedy
+token (`greedy_token`, with EOS banned below `min_new_tokens`: `eos_ban`) and the two largest
+logits that FREE's confidence reads (`top_two_logits`).
 """
 
 from __future__ import annotations
