@@ -14,7 +14,6 @@ their own `jit`; their `threshold` is a traced argument, so a new threshold neve
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ import numpy as np
 from free_jax.decoding import calm_search, methods
 from free_jax.decoding import mesh as mesh_decode
 from free_jax.decoding.methods.base import DecodeCall, DecodeOptions, check_int
+from free_jax.decoding.xla_options import decode_jit
 from free_jax.errors import InputError
 from free_jax.models import t5
 from free_jax.models.config import T5Config
@@ -89,7 +89,7 @@ class DecodeOutput:
         return float(self.exited.sum() / n) if n else 0.0
 
 
-@functools.partial(jax.jit, static_argnames=("config", "length"))
+@decode_jit(static_argnames=("config", "length"))
 def encode_source(
     params: t5.Params,
     input_ids: jax.Array,

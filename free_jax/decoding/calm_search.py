@@ -26,14 +26,13 @@ how CALM's own implementation behaves.
 
 from __future__ import annotations
 
-import functools
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from free_jax.decoding.confidence import exit_confidence
 from free_jax.decoding.search import GreedyResult, greedy_search
+from free_jax.decoding.xla_options import decode_jit
 from free_jax.models import t5
 from free_jax.models.config import T5Config
 from free_jax.models.kv_cache import DecoderCache
@@ -194,8 +193,7 @@ def calm_step(
     return climb_from(min_layer, climb)
 
 
-@functools.partial(
-    jax.jit,
+@decode_jit(
     static_argnames=(
         "config",
         "min_layer",

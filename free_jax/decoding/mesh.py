@@ -30,7 +30,6 @@ Multi-host (`jax.distributed`): every process passes the same global batch and t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import zlib
 from typing import Any
 
@@ -39,6 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from free_jax.decoding.methods.base import DecodeCall, Method
+from free_jax.decoding.xla_options import decode_jit
 from free_jax.errors import InputError
 from free_jax.models.model import Model
 from free_jax.models.partition import DATA_AXIS, check_mesh
@@ -188,8 +188,7 @@ def run(
     return [{k: np.asarray(v[i]) for k, v in got.items()} for i in range(data_shards(mesh))]
 
 
-@functools.partial(
-    jax.jit,
+@decode_jit(
     static_argnames=("impl", "static", "config", "mesh", "max_new_tokens", "min_new_tokens"),
 )
 def _sharded(

@@ -45,6 +45,7 @@ from free_jax.decoding import methods as decode_methods
 from free_jax.decoding.api import encode_source
 from free_jax.decoding.methods.base import DecodeCall, DecodeOptions, default_exit_layer
 from free_jax.decoding.methods.free import check_shallow_head
+from free_jax.decoding.xla_options import decode_jit
 from free_jax.errors import InputError
 from free_jax.models import quantize
 from free_jax.models.model import Model
@@ -287,7 +288,9 @@ def program_bytes(
         )
         return impl.outputs(settings, impl.run(settings, call))
 
-    compiled = jax.jit(program).lower(model.decode_params, *encoded).compile()
+    # Compiled as the decode programs are (decode_jit: the same XLA options), so that its buffers
+    # are those of the program that runs.
+    compiled = decode_jit(program).lower(model.decode_params, *encoded).compile()
     analysis = compiled.memory_analysis()
     if analysis is None:
         return None

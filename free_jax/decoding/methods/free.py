@@ -11,7 +11,6 @@ with an int8 copy of the LM head (`Model.int8_exit_head`); the deep head stays a
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -33,6 +32,7 @@ from free_jax.decoding.methods.base import (
     resolve_exit_layer,
     resolve_threshold,
 )
+from free_jax.decoding.xla_options import decode_jit
 from free_jax.errors import InputError
 from free_jax.models import t5
 from free_jax.models.config import T5Config
@@ -45,8 +45,7 @@ SHALLOW_HEADS = (None, "int8-dynamic")
 SHALLOW_HEAD_KEY = "shallow_lm_head"
 
 
-@functools.partial(
-    jax.jit,
+@decode_jit(
     static_argnames=(
         "config",
         "exit_layer",

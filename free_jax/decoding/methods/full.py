@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -16,6 +15,7 @@ from free_jax.decoding.methods.base import (
     fixed_depth_report,
 )
 from free_jax.decoding.search import GreedyResult, greedy_search
+from free_jax.decoding.xla_options import decode_jit
 from free_jax.models import t5
 from free_jax.models.config import T5Config
 from free_jax.models.model import Model
@@ -56,9 +56,7 @@ def greedy_through(
     return result if keep_cache else result.replace(cache=None)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "max_new_tokens", "min_new_tokens", "keep_cache")
-)
+@decode_jit(static_argnames=("config", "max_new_tokens", "min_new_tokens", "keep_cache"))
 def greedy_full(
     params: t5.Params,
     encoder_output: jax.Array,

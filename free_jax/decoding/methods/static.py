@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import jax
 import numpy as np
 
 from free_jax.decoding.methods.base import (
@@ -18,12 +16,12 @@ from free_jax.decoding.methods.base import (
 )
 from free_jax.decoding.methods.full import greedy_through
 from free_jax.decoding.search import GreedyResult
+from free_jax.decoding.xla_options import decode_jit
 from free_jax.models.config import T5Config
 from free_jax.models.model import Model
 
 
-@functools.partial(
-    jax.jit,
+@decode_jit(
     static_argnames=("config", "exit_layer", "max_new_tokens", "min_new_tokens", "keep_cache"),
 )
 def greedy_static(
