@@ -35,9 +35,10 @@ products; the gap between the two frameworks' products, and each framework's ste
 products, say where the time beyond the floor goes at batch > 1 (compute, or per-step overhead).
 
 `--xla-option KEY=VALUE` (repeatable) also times float32 decoding compiled with that XLA
-option (`Lowered.compile(compiler_options=...)`: that one program only), in the same rounds, e.g.
-`--xla-option xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT` (only
-single matrix products go to YNNPACK; its fused element-wise and reduction kernels are not used).
+option (`Lowered.compile(compiler_options=...)`: that one program only, over the options every
+decode program has, `free_jax.decoding.xla_options.CPU_COMPILER_OPTIONS`), in the same rounds,
+e.g. `--xla-option xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`
+(single matrix products go to YNNPACK again; the decode programs give it none).
 
 `--weights f32 bf16 int8 int8-dynamic` also times the same model with other decoder weights, in
 the same rounds: bf16 (`Model.astype`: weights and activations) and the int8 modes of
