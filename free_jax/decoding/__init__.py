@@ -4,7 +4,8 @@ Owns: the public `decode`, `DecodeOutput`, input preparation and the encoder cal
 method registry and one module per method, each with its jitted core (`methods`); the loops the
 methods run, which see the network only through narrow callables (`search`: greedy search over
 a step function; `spd`: FREE's synchronized parallel decoding; `calm_search`: CALM's per-block
-exits); and the exit confidences FREE and CALM share (`confidence`).
+exits); the exit confidences FREE and CALM share (`confidence`); and the XLA options every
+decode program compiles with, scoped to that program (`xla_options.decode_jit`).
 
 May import: `free_jax.models`, `free_jax.threshold` (the adaptive threshold) and
 `free_jax.errors`; never checkpoints, data, evaluation, training or cli.
