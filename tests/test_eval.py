@@ -121,7 +121,6 @@ with open(work + "/runs.pkl", "wb") as f:
 def runs(checkpoint, jsonl, tmp_path_factory):
     work = tmp_path_factory.mktemp("runs")
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(free_jax.__file__).parents[1]), env.get("PYTHONPATH", "")]
     ).rstrip(os.pathsep)

@@ -5,6 +5,7 @@ Shared by the multi-device and multi-process tests."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,9 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker_env(devices: int) -> dict[str, str]:
-    """This environment with `devices` fake CPU devices and the repository on the path."""
+    """This environment with `devices` fake CPU devices and the repository on the path (and
+    the XLA flags of the tests' own process, such as conftest's optimisation level)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("FREE_JAX_DISTRIBUTED", None)
     return env
