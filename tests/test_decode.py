@@ -381,6 +381,34 @@ def test_decode_layout_computes_the_same_function(model):
     _assert_same_cache(plain_cache, fused_cache)
 
 
+@pytest.mark.parametrize("variant", ["v1.0", "v1.1", "local", "transient-global"])
+def test_the_encoder_in_decode_layout_computes_the_same_function(variant):
+    """`fuse_for_decoding` fuses the encoder blocks too (T5's and LongT5's: a transient-global
+    block's global tokens take their keys and values from the fused kernel), and
+    `decoding.encode_source` gives the same output from either layout."""
+    from free_jax import decoding
+
+    if variant.startswith("v1"):
+        config = testing.tiny_config(variant)
+    else:
+        config = testing.tiny_longt5_config(variant)
+    model = free_jax.Model.random(config, seed=4)
+    fused = t5.fuse_for_decoding(model.params)
+    block = fused["encoder"]["blocks"][0]
+    assert "qkv" in block["self_attn"] and "q" not in block["self_attn"]
+    assert ("wi_fused" in block["ffn"]) == config.is_gated_act
+    ids = testing.random_ids((2, 40), seed=5, vocab_size=config.vocab_size)
+    mask = np.ones_like(ids)
+    mask[1, 31:] = 0
+    plain = decoding.encode_source(model.params, ids, mask, config=config, length=48)
+    fused_out = decoding.encode_source(fused, ids, mask, config=config, length=48)
+    np.testing.assert_array_equal(np.asarray(fused_out[1]), np.asarray(plain[1]))
+    real = np.asarray(plain[1], bool)
+    np.testing.assert_allclose(
+        np.asarray(fused_out[0])[real], np.asarray(plain[0])[real], rtol=1e-5, atol=1e-5
+    )
+
+
 def test_decode_params_are_made_once_and_decode_the_same(model):
     """`Model.decode_params` is the decode layout, made on first use and kept; fusing is a no-op
     for weights already in it; releasing them changes nothing but memory."""

@@ -104,7 +104,13 @@ def test_quantize_replaces_decoder_kernels_and_head_only(model):
                     assert qblock[sub][key].dynamic and qblock[sub][key].shape == value.shape
         assert qblock["ffn_norm"] is block["ffn_norm"]
     assert isinstance(qparams["lm_head"], Int8Weight)
-    assert qparams["encoder"] is fused["encoder"]  # shared, not copied
+    # The encoder stays in float (fused the same way, by the quantized model's own decode_params).
+    int8 = lambda x: isinstance(x, Int8Weight)  # noqa: E731
+    encoder = [jax.tree.leaves(p["encoder"], is_leaf=int8) for p in (qparams, fused)]
+    assert len(encoder[0]) == len(encoder[1])
+    for q, f in zip(*encoder, strict=True):
+        assert not isinstance(q, Int8Weight) and q.dtype == f.dtype
+        np.testing.assert_array_equal(np.asarray(q), np.asarray(f))
     assert qparams["decoder"]["rel_bias"] is fused["decoder"]["rel_bias"]
     assert model.quantize(None).quantization is None
     assert not quantize.is_quantized(model.params)  # training and save keep the float weights

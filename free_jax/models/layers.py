@@ -43,6 +43,14 @@ def activation(name: str):
     }[name]
 
 
+def self_attention_qkv(p: Params, h: Array, config: T5Config) -> tuple[Array, Array, Array]:
+    """Query, key and value heads [..., H, Dh] of the self-attention input `h`, from separate
+    `q`/`k`/`v` kernels or a decode layout's fused `qkv` (`t5.fuse_for_decoding`)."""
+    if "qkv" in p:
+        return tuple(split_heads(x, config) for x in jnp.split(h @ p["qkv"], 3, axis=-1))
+    return tuple(split_heads(h @ p[n], config) for n in ("q", "k", "v"))
+
+
 def feed_forward(p: Params, x: Array, config: T5Config) -> Array:
     act = activation(config.dense_act_fn)
     if "wi_fused" in p:  # decode layout, see `fuse_for_decoding`

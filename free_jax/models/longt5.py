@@ -46,7 +46,7 @@ from free_jax.models.layers import (
     merge_heads,
     relative_position_bucket,
     rms_norm,
-    split_heads,
+    self_attention_qkv,
 )
 
 # Query positions per step of the chunked attention (rounded to whole blocks, at least one). On a
@@ -293,14 +293,15 @@ def encode(
     for block in enc["blocks"]:
         h = rms_norm(x, block["self_attn_norm"], eps)
         a = block["self_attn"]
-        q, k, v = (split_heads(h @ a[n], config) for n in ("q", "k", "v"))
+        q, k, v = self_attention_qkv(a, h, config)
         global_tokens = None
         if G:
             aggregates = global_aggregates(h, block_ids, last, config.global_block_size)
             g = rms_norm(aggregates, a["global_norm"], eps)  # [B, G, D]
+            _, global_k, global_v = self_attention_qkv(a, g, config)  # (G rows: the q is cheap)
             global_tokens = GlobalTokens(
-                k=split_heads(g @ a["k"], config),
-                v=split_heads(g @ a["v"], config),
+                k=global_k,
+                v=global_v,
                 bias_by_offset=bias_by_offset,
                 block_ids=block_ids,
                 valid=valid,

@@ -40,9 +40,10 @@ class Model:
         so that decoding does not rearrange the weights on every call; with `quantization`,
         the decoder's kernels and LM head in int8 (`free_jax.models.quantize`).
 
-        The fused kernels are new arrays: they cost as much memory again as the decoder's
-        self-attention Q/K/V and gated feed-forward input kernels (and, with a tied head, the
-        embedding), a quarter of that in int8. `release_decode_params` frees them.
+        The fused kernels are new arrays: they cost as much memory again as the encoder's and
+        decoder's self-attention Q/K/V and gated feed-forward input kernels (and, with a tied
+        head, the embedding); the decoder's take a quarter of that in int8 (the encoder stays
+        in float). `release_decode_params` frees them.
         """
         fused = t5.fuse_for_decoding(self.params)
         if self.quantization is None:
