@@ -120,14 +120,7 @@ def encode_source(
 
 
 @decode_jit(static_argnames=("config", "length"))
-def _encode_source(
-    params: t5.Params,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
-    *,
-    config: T5Config,
-    length: int,
-) -> tuple[jax.Array, jax.Array]:
+def _encode_source(params, input_ids, attention_mask, *, config, length):  # see encode_source
     S = input_ids.shape[1]
     if S > length:
         raise ValueError(f"the source has {S} positions, more than length={length}.")
