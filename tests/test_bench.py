@@ -119,6 +119,35 @@ def test_table_json_and_plot(result, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(json.dumps(result.to_dict()))
     assert {"ms_per_token", "speedup", "ideal", "of_ideal", "peak_bytes"} <= set(data["rows"][0])
+    # The host probe, before and after the run: in the JSON and above the table.
+    for key in ("host_before", "host_after"):
+        probe = data["environment"][key]
+        assert set(probe) == {"read_gb_s", "reread_gb_s", "product_us"}
+        assert all(np.isfinite(v) and v > 0 for v in probe.values())
+    assert table.splitlines()[2].startswith("host before: ") and "; after: " in table
+
+
+def test_the_host_probe_flags_a_change_of_more_than_a_fifth():
+    probe = bench.HostProbe(read_gb_s=10.0, reread_gb_s=30.0, product_us=20.0)
+    assert not probe.changed(probe)
+    assert not probe.changed(bench.HostProbe(10.0, 30.0, 23.0))  # 13% of the larger
+    assert probe.changed(bench.HostProbe(10.0, 30.0, 26.0))  # 23%
+    assert probe.changed(bench.HostProbe(7.9, 30.0, 20.0))
+    result = bench.BenchResult(
+        model="m",
+        inputs="i",
+        num_examples=1,
+        metric=None,
+        repeats=1,
+        rows=[],
+        environment={
+            "backend": "cpu",
+            "device": "cpu",
+            "host_before": probe,
+            "host_after": bench.HostProbe(5.0, 30.0, 20.0),
+        },
+    )
+    assert "changed by more than 20% during the run" in bench.format_bench(result)
 
 
 def test_the_free_cases_can_decide_exits_with_an_int8_head(model):

@@ -22,6 +22,13 @@ when it returns), and a case's time is the sum over batches. Per case and batch 
 * quality (the task's metric, and its share of the full model's) when the inputs have references,
   and for exact mode whether every output equals full decoding.
 
+It also probes the host before and after (`probe_host`): on a shared machine the load of other
+tenants moves the results, and not all cases alike. On a 2-core cloud VM, full decoding of the
+demo model took 18-20 ms per sentence in quiet hours and 31-38 ms in busy ones, while FREE's
+shallow steps, which reread 1 MiB of weights rather than stream 9, slowed far less: the same
+command gave FREE 1.93x over full decoding in one phase and 2.71x in the other. The probe's
+numbers say which phase a table comes from, and whether the phase changed during the run.
+
 A batch size whose largest program does not fit in the memory available (the device's limit, or
 the host's available memory on a CPU) is refused with an `InputError` before anything runs.
 """
@@ -314,6 +321,71 @@ def available_bytes() -> int | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class HostProbe:
+    """How fast this host runs three fixed workloads now (`probe_host`).
+
+    Attributes:
+      read_gb_s: streaming read of a 64 MiB array (a jitted sum): memory bandwidth.
+      reread_gb_s: the same over an 8 MiB array read 8 times in one program, about what a
+        small model's decode steps get when its weights stay in the last-level cache that
+        other tenants share.
+      product_us: one [1, 512] x [512, 512] float32 product, in a chain of 64 over two
+        alternating 1 MiB matrices: a decode step's typical operation.
+    """
+
+    read_gb_s: float
+    reread_gb_s: float
+    product_us: float
+
+    def changed(self, other: HostProbe, tolerance: float = 0.2) -> bool:
+        """Whether any measurement differs from `other`'s by more than `tolerance` (relative)."""
+        pairs = zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)
+        return any(abs(a - b) > tolerance * max(a, b) for a, b in pairs)
+
+    def describe(self) -> str:
+        return (
+            f"{self.read_gb_s:.1f} GB/s read, {self.reread_gb_s:.1f} GB/s reread, "
+            f"{self.product_us:.1f} us per 1 MiB product"
+        )
+
+
+def probe_host(rounds: int = 7) -> HostProbe:
+    """Times `HostProbe`'s three workloads (medians over `rounds`, after compiling): about a
+    second on a CPU."""
+
+    def median_seconds(fn, *args) -> float:
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    big = jnp.ones((16 * 2**20,), jnp.float32)
+    small = jnp.ones((2 * 2**20,), jnp.float32)
+    read = jax.jit(jnp.sum)
+
+    @jax.jit
+    def reread(x):  # `a * 0` makes each pass depend on the last, so none is hoisted
+        return jax.lax.fori_loop(0, 8, lambda i, a: a + jnp.sum(x + a * 0), jnp.float32(0))
+
+    kernels = jax.random.normal(jax.random.key(0), (2, 512, 512), jnp.float32) / 512**0.5
+
+    @jax.jit
+    def products(x, kernels):
+        for i in range(64):
+            x = jnp.tanh(x @ kernels[i % 2])
+        return x
+
+    return HostProbe(
+        read_gb_s=big.nbytes / median_seconds(read, big) / 1e9,
+        reread_gb_s=8 * small.nbytes / median_seconds(reread, small) / 1e9,
+        product_us=median_seconds(products, jnp.ones((1, 512)), kernels) / 64 * 1e6,
+    )
+
+
 def check_batch_sizes(batch_sizes: Sequence[Any], num_examples: int) -> list[int]:
     sizes = []
     for b in batch_sizes:
@@ -339,6 +411,7 @@ def run_bench(
     memory_limit: int | None = None,
     memory: bool = True,
     model_name: str = "",
+    probe: bool = True,
 ) -> BenchResult:
     """Decodes `inputs` with every case at every batch size; see the module docstring.
 
@@ -350,6 +423,8 @@ def run_bench(
         whose largest program would take more is refused before anything is decoded.
       memory: measure the programs' peak memory (and check it against the limit); it compiles
         each program once more, ahead of time.
+      probe: run `probe_host` before the first batch size and after the last, and keep both
+        in `BenchResult.environment` ("host_before", "host_after").
     """
     from tqdm.auto import tqdm
 
@@ -381,6 +456,7 @@ def run_bench(
         return None
 
     costs = {case: bytes_per_step_and_pass(case) for case in cases}
+    host_before = probe_host() if probe else None
 
     rows: list[BenchRow] = []
     for B in sizes:
@@ -466,6 +542,9 @@ def run_bench(
                 )
             )
         _compare_with_full([r for r in rows if r.batch_size == B])
+    host = {}
+    if host_before is not None:
+        host = {"host_before": host_before, "host_after": probe_host()}
     return BenchResult(
         model=model_name,
         inputs=inputs.description,
@@ -479,6 +558,7 @@ def run_bench(
             "device": str(jax.devices()[0].device_kind),
             "timing": "wall time of free_jax.decode per batch after a warm-up, summed over "
             "batches; median over repeats",
+            **host,
         },
     )
 
@@ -506,6 +586,15 @@ def format_bench(result: BenchResult) -> str:
         + (f"{result.metric} | of full |" if result.metric else "== full |"),
         "|---" * (13 if result.metric else 12) + "|",
     ]
+    before, after = (result.environment.get(k) for k in ("host_before", "host_after"))
+    if before is not None and after is not None:
+        note = f"host before: {before.describe()}; after: {after.describe()}"
+        if after.changed(before):
+            note += (
+                ". The host's speed changed by more than 20% during the run: compare "
+                "speed-ups within a batch size, not across batch sizes or runs"
+            )
+        lines[1:1] = ["", note + "."]
     for r in result.rows:
         per_pass = r.passes if r.passes else None
         cells = [
