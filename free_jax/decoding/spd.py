@@ -254,13 +254,20 @@ def chunk_positions(batch: int, every_position: bool = False) -> int:
     Demo model, XLA's temporary and output bytes over full decoding's: one call over a whole
     pass (64 buffer slots) 1.50x at batch 1 and 1.49x at 8 and 32; in windows of 16 positions
     (and each layer's rows gathered in turn, see `t5.decoder_blocks`) 1.07x at batch 8 and 32.
-    At batch 1 the demo's caches are so small (1 MiB) that a window of 16 takes 1.17x (8:
-    1.10x). Windows of 8 cost exact mode at batch 1 a tenth of its speed-up (whole test
-    split, 1.71-1.77x -> 1.54x: its passes span 17 positions on average), the default mode
-    nothing measurable (10 positions). In the default mode above batch 1, passes take 1.1-1.4
-    rows over 12-15 positions: windows of 32 run most of them in one call of 2 rows x 16 (16:
-    two calls of 2 x 8), for 1.068x -> 1.080x of full decoding's memory at batch 8; demo, 512
-    test sentences at batch 8, decode only, medians of 7 interleaved rounds: 1.93x -> 2.02x."""
+    At batch 1 the demo's caches are so small (1 MiB) that a window of 16 takes 1.16x (8:
+    1.10x; 4 or fewer: 1.07x, the pending buffer and the pass's queries). Windows of 8 cost
+    exact mode at batch 1 a tenth of its speed-up (whole test split, 1.71-1.77x -> 1.54x: its
+    passes span 17 positions on average), the default mode little: whole test split, three
+    interleaved rounds, FREE at 2.27x with windows of 8 and 2.39x with 16 (a round's
+    difference ranged from -13% to +6%), because its passes span 10 positions on average.
+    A window of 2 to 16 positions costs about the same on a CPU (demo, 7 deep blocks in a
+    loop: 1 position 0.6-1.0 ms, 2 to 16 positions 2.8-3.9 ms, 32 4.0 ms): XLA's CPU matrix
+    products with more than one row go to Eigen, which packs the weights at every call.
+
+    In the default mode above batch 1, passes take 1.1-1.4 rows over 12-15 positions: windows
+    of 32 run most of them in one call of 2 rows x 16 (16: two calls of 2 x 8), for 1.068x ->
+    1.080x of full decoding's memory at batch 8; demo, 512 test sentences at batch 8, decode
+    only, medians of 7 interleaved rounds: 1.93x -> 2.02x."""
     if every_position:
         return 16
     return 8 if batch == 1 else 32
