@@ -25,7 +25,7 @@ when it returns), and a case's time is the sum over batches. Per case and batch 
 It also probes the host before and after (`probe_host`): on a shared machine the load of other
 tenants moves the results, and not all cases alike. On a 2-core cloud VM, full decoding of the
 demo model took 18-20 ms per sentence in quiet hours and 31-38 ms in busy ones, while FREE's
-shallow steps, which reread 1 MiB of weights rather than stream 9, slowed far less: the same
+shallow steps, which reread 2 MiB of weights rather than stream 10, slowed far less: the same
 command gave FREE 1.93x over full decoding in one phase and 2.71x in the other. The probe's
 numbers say which phase a table comes from, and whether the phase changed during the run.
 
