@@ -326,7 +326,9 @@ class HostProbe:
     """How fast this host runs three fixed workloads now (`probe_host`).
 
     Attributes:
-      read_gb_s: streaming read of a 64 MiB array (a jitted sum): memory bandwidth.
+      read_gb_s: the read rate of a jitted sum over a 64 MiB array, larger than the caches
+        (a sum reads at about half the rate of matrix-vector products: compare probes with
+        each other, not with the memory's nominal bandwidth).
       reread_gb_s: the same over an 8 MiB array read 8 times in one program, about what a
         small model's decode steps get when its weights stay in the last-level cache that
         other tenants share.
