@@ -352,9 +352,26 @@ class HostProbe:
         )
 
 
+@jax.jit
+def _probe_read(x):
+    return jnp.sum(x)
+
+
+@jax.jit
+def _probe_reread(x):  # `a * 0` makes each pass depend on the last, so none is hoisted
+    return jax.lax.fori_loop(0, 8, lambda i, a: a + jnp.sum(x + a * 0), jnp.float32(0))
+
+
+@jax.jit
+def _probe_products(x, kernels):
+    for i in range(64):
+        x = jnp.tanh(x @ kernels[i % 2])
+    return x
+
+
 def probe_host(rounds: int = 7) -> HostProbe:
-    """Times `HostProbe`'s three workloads (medians over `rounds`, after compiling): about a
-    second on a CPU."""
+    """Times `HostProbe`'s three workloads (medians over `rounds`, after a first call that
+    compiles them once per process): about a second on a CPU."""
 
     def median_seconds(fn, *args) -> float:
         jax.block_until_ready(fn(*args))
@@ -367,24 +384,11 @@ def probe_host(rounds: int = 7) -> HostProbe:
 
     big = jnp.ones((16 * 2**20,), jnp.float32)
     small = jnp.ones((2 * 2**20,), jnp.float32)
-    read = jax.jit(jnp.sum)
-
-    @jax.jit
-    def reread(x):  # `a * 0` makes each pass depend on the last, so none is hoisted
-        return jax.lax.fori_loop(0, 8, lambda i, a: a + jnp.sum(x + a * 0), jnp.float32(0))
-
     kernels = jax.random.normal(jax.random.key(0), (2, 512, 512), jnp.float32) / 512**0.5
-
-    @jax.jit
-    def products(x, kernels):
-        for i in range(64):
-            x = jnp.tanh(x @ kernels[i % 2])
-        return x
-
     return HostProbe(
-        read_gb_s=big.nbytes / median_seconds(read, big) / 1e9,
-        reread_gb_s=8 * small.nbytes / median_seconds(reread, small) / 1e9,
-        product_us=median_seconds(products, jnp.ones((1, 512)), kernels) / 64 * 1e6,
+        read_gb_s=big.nbytes / median_seconds(_probe_read, big) / 1e9,
+        reread_gb_s=8 * small.nbytes / median_seconds(_probe_reread, small) / 1e9,
+        product_us=median_seconds(_probe_products, jnp.ones((1, 512)), kernels) / 64 * 1e6,
     )
 
 
