@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -505,6 +507,28 @@ def test_an_unbounded_buffer_forces_no_deep_pass(model, batch):
     np.testing.assert_array_equal(bounded.deep_pass_tokens, [5 * len(ids)] * 2)
     np.testing.assert_array_equal(bounded.deep_pass_rows, [len(ids)] * 2)  # in lockstep
     np.testing.assert_array_equal(bounded.exited.sum(axis=1), [T - 2] * len(ids))
+
+
+def test_deep_passes_update_the_pending_buffers_in_place(model, batch):
+    """The compiled default-mode loop makes no copy of the pending buffers [B, K, D]: rows
+    outside a pass queue their states before the pass reads the buffers, so XLA updates them
+    in place (queued after the read, the buffers were copied twice for every pass)."""
+    ids, mask = batch
+    config, K = model.config, 5
+    encoded = decoding.encode_source(model.params, ids, mask, config=config, length=16)
+    program = decoding.free_decode.lower(
+        model.params,
+        *encoded,
+        jnp.float32(0.5),
+        config=config,
+        exit_layer=LS,
+        max_new_tokens=T,
+        buffer_capacity=K,
+    )
+    text = program.compile().as_text()
+    buffers = f"f32[{len(ids)},{K},{config.d_model}]"
+    assert buffers in text  # the buffers' shape, as the compiled program spells it
+    assert re.findall(r"= (f32\[[\d,]+\])\{[\d,]*\} copy\(", text).count(buffers) == 0
 
 
 def test_the_deep_cross_attention_is_computed_at_the_first_deep_pass_only(model, batch):
