@@ -125,6 +125,26 @@ def test_table_json_and_plot(result, tmp_path):
         assert set(probe) == {"read_gb_s", "reread_gb_s", "product_us"}
         assert all(np.isfinite(v) and v > 0 for v in probe.values())
     assert table.splitlines()[2].startswith("host before: ") and "; after: " in table
+    steal = data["environment"]["cpu_steal"]
+    if bench.cpu_ticks() is not None:  # Linux
+        assert 0.0 <= steal <= 1.0
+        assert f"CPU time stolen by the hypervisor during the run: {steal:.0%}" in table
+    else:
+        assert steal is None and "stolen" not in table
+
+
+def test_cpu_steal_comes_from_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  600 10 200 3000 50 0 40 100 0 0\ncpu0 300 5 100 1500 25 0 20 50 0 0\n")
+    start = bench.cpu_ticks(str(stat))
+    assert start == (100, 4000)
+    stat.write_text("cpu  900 10 300 3300 50 0 40 400 0 0\n")
+    end = bench.cpu_ticks(str(stat))
+    assert bench.steal_share(start, end) == pytest.approx(300 / 1000)
+    assert bench.steal_share(start, start) is None and bench.steal_share(None, end) is None
+    stat.write_text("cpu  900 10 300 3300\n")  # a kernel without the steal column
+    assert bench.cpu_ticks(str(stat)) is None
+    assert bench.cpu_ticks(str(tmp_path / "missing")) is None
 
 
 def test_the_host_probe_flags_a_change_of_more_than_a_fifth():
@@ -145,9 +165,12 @@ def test_the_host_probe_flags_a_change_of_more_than_a_fifth():
             "device": "cpu",
             "host_before": probe,
             "host_after": bench.HostProbe(5.0, 30.0, 20.0),
+            "cpu_steal": 0.5,
         },
     )
-    assert "changed by more than 20% during the run" in bench.format_bench(result)
+    table = bench.format_bench(result)
+    assert "changed by more than 20% during the run" in table
+    assert "CPU time stolen by the hypervisor during the run: 50%" in table
 
 
 def test_the_free_cases_can_decide_exits_with_an_int8_head(model):

@@ -27,7 +27,9 @@ tenants moves the results, and not all cases alike. On a 2-core cloud VM, full d
 demo model took 18-20 ms per sentence in quiet hours and 31-38 ms in busy ones, while FREE's
 shallow steps, which reread 2 MiB of weights rather than stream 10, slowed far less: the same
 command gave FREE 1.93x over full decoding in one phase and 2.71x in the other. The probe's
-numbers say which phase a table comes from, and whether the phase changed during the run.
+numbers say which phase a table comes from, and whether the phase changed during the run. On a
+virtual machine the run's CPU steal (the share of CPU time the hypervisor gave other tenants,
+from Linux's `/proc/stat`) says why: on that VM `top` showed 50% steal in a busy phase.
 
 A batch size whose largest program does not fit in the memory available (the device's limit, or
 the host's available memory on a CPU) is refused with an `InputError` before anything runs.
@@ -392,6 +394,31 @@ def probe_host(rounds: int = 7) -> HostProbe:
     )
 
 
+def cpu_ticks(path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(steal, total): the CPU time, in clock ticks since boot and summed over CPUs, that the
+    hypervisor gave other tenants while this machine's CPUs had work, and all CPU time, from
+    Linux's `/proc/stat`; None where that file or its steal column is missing."""
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    # cpu user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is
+    # counted in user time already.
+    if len(fields) < 9 or fields[0] != "cpu" or not all(x.isdigit() for x in fields[1:9]):
+        return None
+    ticks = [int(x) for x in fields[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def steal_share(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
+    """The share of CPU time stolen between two `cpu_ticks` readings (None without both, or
+    when no tick passed)."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
 def check_batch_sizes(batch_sizes: Sequence[Any], num_examples: int) -> list[int]:
     sizes = []
     for b in batch_sizes:
@@ -430,7 +457,8 @@ def run_bench(
       memory: measure the programs' peak memory (and check it against the limit); it compiles
         each program once more, ahead of time.
       probe: run `probe_host` before the first batch size and after the last, and keep both
-        in `BenchResult.environment` ("host_before", "host_after").
+        in `BenchResult.environment` ("host_before", "host_after"), with the share of CPU
+        time stolen in between ("cpu_steal", `cpu_ticks`; None off Linux).
     """
     from tqdm.auto import tqdm
 
@@ -462,6 +490,7 @@ def run_bench(
         return None
 
     costs = {case: bytes_per_step_and_pass(case) for case in cases}
+    ticks_before = cpu_ticks() if probe else None
     host_before = probe_host() if probe else None
 
     rows: list[BenchRow] = []
@@ -550,7 +579,11 @@ def run_bench(
         _compare_with_full([r for r in rows if r.batch_size == B])
     host = {}
     if host_before is not None:
-        host = {"host_before": host_before, "host_after": probe_host()}
+        host = {
+            "host_before": host_before,
+            "host_after": probe_host(),
+            "cpu_steal": steal_share(ticks_before, cpu_ticks()),
+        }
     return BenchResult(
         model=model_name,
         inputs=inputs.description,
@@ -595,6 +628,9 @@ def format_bench(result: BenchResult) -> str:
     before, after = (result.environment.get(k) for k in ("host_before", "host_after"))
     if before is not None and after is not None:
         note = f"host before: {before.describe()}; after: {after.describe()}"
+        steal = result.environment.get("cpu_steal")
+        if steal is not None:
+            note += f"; CPU time stolen by the hypervisor during the run: {steal:.0%}"
         if after.changed(before):
             note += (
                 ". The host's speed changed by more than 20% during the run: compare "
