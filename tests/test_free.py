@@ -510,9 +510,10 @@ def test_an_unbounded_buffer_forces_no_deep_pass(model, batch):
 
 
 def test_deep_passes_update_the_pending_buffers_in_place(model, batch):
-    """The compiled default-mode loop makes no copy of the pending buffers [B, K, D]: rows
-    outside a pass queue their states before the pass reads the buffers, so XLA updates them
-    in place (queued after the read, the buffers were copied twice for every pass)."""
+    """The compiled default-mode loop makes no copy of the pending buffers [B, S, D]: every
+    row queues its current state before a pass reads the buffers as its queries, so XLA updates
+    them in place (queued after the read, the buffers were copied twice for every pass, and
+    once more as the queries)."""
     ids, mask = batch
     config, K = model.config, 5
     encoded = decoding.encode_source(model.params, ids, mask, config=config, length=16)
@@ -526,7 +527,8 @@ def test_deep_passes_update_the_pending_buffers_in_place(model, batch):
         buffer_capacity=K,
     )
     text = program.compile().as_text()
-    buffers = f"f32[{len(ids)},{K},{config.d_model}]"
+    # S = K + 1 slots: the pass of at most K + 1 positions runs in one call (no windows).
+    buffers = f"f32[{len(ids)},{K + 1},{config.d_model}]"
     assert buffers in text  # the buffers' shape, as the compiled program spells it
     assert re.findall(r"= (f32\[[\d,]+\])\{[\d,]*\} copy\(", text).count(buffers) == 0
 

@@ -105,7 +105,9 @@ class SpdState:
       step: int32[] loop iterations so far.
       position: int32[B] tokens emitted and kept; the position of the row's next input token.
       last_token: int32[B] the row's next input token.
-      pending_hidden: [B, K, D] shallow states of the row's exited tokens, oldest first.
+      pending_hidden: [B, S, D] shallow states of the row's exited tokens, oldest first, in
+        `_Loop.query_slots` S >= K + 1 slots: a default-mode pass writes its rows' current
+        states after them and reads the buffers as its queries.
       pending_count: int32[B] how many of them are real; the deep cache lags by this much.
       pending_draft: bool[B, K] the pending token is an unverified draft ("draft" waiting).
       free_run: int32[B] exits since the row's last deep-decided token ("draft" waiting: the
@@ -255,19 +257,21 @@ def chunk_positions(batch: int, every_position: bool = False) -> int:
     pass (64 buffer slots) 1.50x at batch 1 and 1.49x at 8 and 32; in windows of 16 positions
     (and each layer's rows gathered in turn, see `t5.decoder_blocks`) 1.07x at batch 8 and 32.
     At batch 1 the demo's caches are so small (1 MiB) that a window of 16 takes 1.16x (8:
-    1.10x; 4 or fewer: 1.07x, the pending buffer and the pass's queries). Windows of 8 cost
-    exact mode at batch 1 a tenth of its speed-up (whole test split, 1.71-1.77x -> 1.54x: its
-    passes span 17 positions on average), the default mode little: whole test split, three
-    interleaved rounds, FREE at 2.27x with windows of 8 and 2.39x with 16 (a round's
-    difference ranged from -13% to +6%), because its passes span 10 positions on average.
-    A window of 2 to 16 positions costs about the same on a CPU (demo, 7 deep blocks in a
-    loop: 1 position 0.6-1.0 ms, 2 to 16 positions 2.8-3.9 ms, 32 4.0 ms): XLA's CPU matrix
-    products with more than one row go to Eigen, which packs the weights at every call.
+    1.10x; 4 or fewer: 1.07x, the pending buffer and the pass's queries); since the default
+    mode's passes read the buffers in place (`_Loop.deep`), 1.13x (8: 1.07x; 4: 1.04x).
+    Windows of 8 cost exact mode at batch 1 a tenth of its speed-up (whole test split,
+    1.71-1.77x -> 1.54x: its passes span 17 positions on average), the default mode little:
+    whole test split, three interleaved rounds, FREE at 2.27x with windows of 8 and 2.39x with
+    16 (a round's difference ranged from -13% to +6%), because its passes span 10 positions on
+    average. A window of 2 to 16 positions costs about the same on a CPU (demo, 7 deep blocks
+    in a loop: 1 position 0.6-1.0 ms, 2 to 16 positions 2.8-3.9 ms, 32 4.0 ms): XLA's CPU
+    matrix products with more than one row go to Eigen, which packs the weights at every call.
 
     In the default mode above batch 1, passes take 1.1-1.4 rows over 12-15 positions: windows
     of 32 run most of them in one call of 2 rows x 16 (16: two calls of 2 x 8), for 1.068x ->
-    1.080x of full decoding's memory at batch 8; demo, 512 test sentences at batch 8, decode
-    only, medians of 7 interleaved rounds: 1.93x -> 2.02x."""
+    1.080x of full decoding's memory at batch 8 (1.034x -> 1.040x with the in-place reads);
+    demo, 512 test sentences at batch 8, decode only, medians of 7 interleaved rounds: 1.93x
+    -> 2.02x."""
     if every_position:
         return 16
     return 8 if batch == 1 else 32
@@ -486,7 +490,7 @@ class _Loop:
             step=jnp.zeros((), jnp.int32),
             position=jnp.zeros((B,), jnp.int32),
             last_token=jnp.full((B,), self.start_id, jnp.int32),
-            pending_hidden=jnp.zeros((B, K, D), self.hidden_dtype),
+            pending_hidden=jnp.zeros((B, self.query_slots, D), self.hidden_dtype),
             pending_count=jnp.zeros((B,), jnp.int32),
             pending_draft=jnp.zeros((B, K), bool),
             free_run=jnp.zeros((B,), jnp.int32),
@@ -649,12 +653,13 @@ class _Loop:
         count = s.pending_count
         num_new = jnp.where(takes_part, count + 1, 0)  # [B]
         if not self.verifies:
-            # Rows outside the pass that exit now queue their state before the pass reads the
-            # buffers (`flush` counts it): it reads only its own rows' buffers, which no row in
-            # it writes, and written after the read, the buffer was copied twice for the pass
-            # (demo model, 2 copies of [B, 63, D] per pass; peak memory at batch 32 1.063x ->
-            # 1.058x of full decoding's).
-            s = s.replace(pending_hidden=self.queued(s, d.hidden, d.exits))
+            # Every row queues its current state now: the rows in the pass, whose buffers are
+            # then their queries as they stand and are flushed after it, and the rows outside it
+            # that exit (`flush` counts those). Writing before the pass reads, in place, spares
+            # a copy of the buffers as queries, and two more for the pass that a write after
+            # the read made XLA take (demo model, decode program's peak memory over full
+            # decoding's: batch 1 1.098x -> 1.068x, 8 1.070x -> 1.040x, 32 1.063x -> 1.033x).
+            s = s.replace(pending_hidden=self.queued(s, d.hidden, d.exits | takes_part))
         queries, positions, drafts = self.pass_queries(s, d)
         deep_tokens, margin, cache, width = self.run_deep(s, queries, positions, drafts, num_new)
         seen = self.slots[None, :] < num_new[:, None]  # [B, K+1]
@@ -680,14 +685,14 @@ class _Loop:
     def pass_queries(self, s: SpdState, d: _Decision) -> tuple[Array, Array, Array]:
         """The pass's queries [B, S, D] (pending states, then the current one at slot `count`,
         then padding to `query_slots`), their positions int32[B, K+1] and shallow tokens
-        int32[B, K+1] (emitted pending tokens, then the current shallow argmax)."""
+        int32[B, K+1] (emitted pending tokens, then the current shallow argmax). In default
+        mode the buffers hold the current states already (`deep`) and are the queries."""
         count = s.pending_count
-        padding = jnp.zeros((self.B, self.query_slots - self.K, self.D), self.hidden_dtype)
-        queue = jnp.concatenate([s.pending_hidden, padding], axis=1)
         at_count = jnp.arange(self.query_slots)[None, :] == count[:, None]  # [B, S]
-        queries = jnp.where(
-            at_count[..., None], d.hidden[:, None, :].astype(self.hidden_dtype), queue
-        )
+        queries = s.pending_hidden
+        if self.verifies:
+            current = d.hidden[:, None, :].astype(self.hidden_dtype)
+            queries = jnp.where(at_count[..., None], current, queries)
         first = s.position - count  # [B] position of the first pending token
         positions = first[:, None] + self.slots[None, :]
         drafts = jnp.where(
