@@ -38,7 +38,7 @@ def test_scorer_counts_equal_the_corpus_metric_on_every_resample():
 
 def test_never_exiting_qualifies_and_the_choice_is_the_lowest_qualifying(model, examples):
     choice = calibration.choose_threshold(
-        model, examples, candidates=(1.0, 0.2, 0.0), num_resamples=200, batch_size=24
+        model, examples, candidates=(1.0, 0.2, 0.0), num_resamples=200, batch_size=8
     )
     by_threshold = {c.threshold: c for c in choice.checks}
     never = by_threshold[1.0]  # threshold 1 never exits: the full model's output
@@ -52,7 +52,7 @@ def test_never_exiting_qualifies_and_the_choice_is_the_lowest_qualifying(model, 
 
 def test_a_level_nothing_but_the_full_model_keeps(model, examples):
     choice = calibration.choose_threshold(
-        model, examples, candidates=(1.0, 0.0), level=1.0, num_resamples=100, batch_size=24
+        model, examples, candidates=(1.0, 0.0), level=1.0, num_resamples=100, batch_size=8
     )
     always = {c.threshold: c for c in choice.checks}[0.0]
     assert always.exit_rate > 0.9

@@ -293,6 +293,24 @@ def test_deep_pass_cost_follows_the_longest_queue_not_the_capacity():
     assert spd.query_buckets(8) == (1, 2, 4, 8, 9)
 
 
+def test_windowed_passes_run_one_position_or_a_whole_window():
+    """With windows, a pass has two sizes: one position, or the window (each size is a compiled
+    copy of the deep blocks): queues of two run in a window of 8, and emit what size 2 emits."""
+    S, C, D = tables(2, B=1, T=10, eos=0.0)
+    alternating = np.tile(np.array([0.9, 0.1], np.float32), (1, 5))  # exit, deep, exit, ...
+    sized = run(S, alternating, D, np.float32(0.5), K=16, mode="default")
+    windowed = run(S, alternating, D, np.float32(0.5), K=16, mode="default", chunk_positions=8)
+    assert int(sized.cache["largest_pass"]) == 2
+    assert int(windowed.cache["largest_pass"]) == 8
+    for field in ("tokens", "lengths", "exited", "num_deep_passes", "pass_tokens"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(windowed, field)), np.asarray(getattr(sized, field)), err_msg=field
+        )
+    never = np.zeros_like(alternating)  # every pass is the current token alone
+    alone = run(S, never, D, np.float32(0.5), K=16, mode="default", chunk_positions=8)
+    assert int(alone.num_deep_passes) > 0 and int(alone.cache["largest_pass"]) == 1
+
+
 def test_rows_do_not_wait_for_each_other_in_default_mode():
     """A row that never exits forces a pass every step; the other row keeps exiting."""
     S, C, D = tables(3, B=2, T=8, eos=0.0)
