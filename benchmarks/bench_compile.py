@@ -23,11 +23,11 @@ import jax
 import numpy as np
 
 import free_jax
+from free_jax.cli.bench import RANDOM_PREFIX
 from free_jax.decoding import encode_source
+from free_jax.errors import CheckpointError
 from free_jax.evaluation import bench
 from free_jax.models import shapes
-
-RANDOM = "random:"
 
 
 def cases(exit_layer: int) -> list[bench.BenchCase]:
@@ -62,15 +62,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    if args.model.startswith(RANDOM):
-        name = args.model[len(RANDOM) :]
+    if min(args.batch_sizes) < 1 or args.rounds < 1:
+        parser.error(f"--batch-sizes {args.batch_sizes} and --rounds {args.rounds} must be >= 1.")
+    if args.model.startswith(RANDOM_PREFIX):
+        name = args.model[len(RANDOM_PREFIX) :]
         if name not in shapes.NAMES:
             parser.error(f"unknown shape {name!r}; known: {', '.join(shapes.NAMES)}")
         model = free_jax.Model.random(shapes.t5_v1_0(name), seed=0)
     else:
-        model = free_jax.load(args.model)
-    if min(args.batch_sizes) < 1 or args.rounds < 1:
-        parser.error("batch sizes and --rounds must be >= 1.")
+        try:
+            model = free_jax.load(args.model)
+        except CheckpointError as error:
+            parser.error(str(error))
 
     print(
         f"# {args.model}: trace and compile, seconds (median of {args.rounds} rounds), "
