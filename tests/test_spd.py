@@ -311,25 +311,6 @@ def test_windowed_passes_run_one_position_or_a_whole_window():
     assert int(alone.num_deep_passes) > 0 and int(alone.cache["largest_pass"]) == 1
 
 
-def test_passes_over_several_rows_run_at_the_window_only():
-    """One position is a size of its own for one row only (a matrix-vector product): two rows
-    that never exit run every pass in the window (4 positions each, 8 in the call) and emit
-    what passes sized to one position emit."""
-    S, C, D = tables(5, B=2, T=8, eos=0.0)
-    never = np.zeros_like(C)
-    sized = run(S, never, D, np.float32(0.5), K=8, mode="default")
-    windowed = run(S, never, D, np.float32(0.5), K=8, mode="default", chunk_positions=8)
-    assert int(sized.cache["largest_pass"]) == 1
-    assert int(windowed.cache["largest_pass"]) == 4
-    assert int(windowed.cache["largest_call"]) == 8
-    assert bool(windowed.cache["in_order"])
-    for field in ("tokens", "lengths", "exited", "num_deep_passes", "pass_tokens"):
-        np.testing.assert_array_equal(
-            np.asarray(getattr(windowed, field)), np.asarray(getattr(sized, field)), err_msg=field
-        )
-    np.testing.assert_array_equal(np.asarray(windowed.tokens), D)
-
-
 def test_rows_do_not_wait_for_each_other_in_default_mode():
     """A row that never exits forces a pass every step; the other row keeps exiting."""
     S, C, D = tables(3, B=2, T=8, eos=0.0)

@@ -345,7 +345,7 @@ def spd_search(
       min_new_tokens: EOS is suppressed at positions below this.
       buckets: deep-pass query sizes (default: `query_buckets` up to the widest possible pass,
         min(K, T - 1) + 1); the last must be at least that. With `chunk_positions`, passes use
-        the window, and one-row passes also the smallest (`_Loop.query_sizes`).
+        the smallest and the window (`_Loop.query_sizes`).
       record_agreement: in default mode, also run the deep exit head on pending tokens to record
         their shallow/deep agreement (the threshold estimator's data). The other modes always do.
       rollback_margin: "rollback" mode's bound, in [0, 1]: a disagreeing pending token is rolled
@@ -824,12 +824,12 @@ class _Loop:
 
     def query_sizes(self, rows: int) -> tuple[int, ...]:
         """The query sizes of a pass over `rows` rows: `buckets`, or with `chunk_positions` the
-        window, the largest size at which one deep call runs at most `chunk_positions`
-        positions (at least one per row), and for a single row also the smallest bucket.
+        smallest bucket and the window, the largest size at which one deep call runs at most
+        `chunk_positions` positions (at least one per row).
 
-        Each size is one more compiled copy of the deep blocks. Sizes between the smallest and
-        the window save little: a call over 2 to 16 positions costs about the same as one over
-        the window on a CPU (`chunk_positions`), and on an accelerator, where reading the
+        Sizes between the two would save little and cost much: each is one more compiled copy
+        of the deep blocks, while a call over 2 to 16 positions costs about the same as one
+        over the window on a CPU (`chunk_positions`), and on an accelerator, where reading the
         weights dominates a call this small, too. Demo model, XLA's default optimisation level,
         time to trace and compile the default-mode loop with every power of two up to the
         window, then with 1 and the window alone: 14 s -> 10 s at batch 1, 27 s -> 15.5 s at 8,
@@ -839,22 +839,22 @@ class _Loop:
         and exact modes, 0.96 and 1.03 at batch 8; 256 at batch 32, 3 rounds: 1.01 and 1.02),
         with the same tokens.
 
-        One position is kept for one row only, where it is a matrix-vector product (0.6-1.0 ms
-        for the demo's deep blocks against 2.8-3.9 ms for 2 to 16 positions): over several rows
-        it is a matrix product too, of about the window's cost. Without it for 2 rows or more,
-        the same measurement: 15.4 s -> 11.2 s at batch 8 and 25.4 s -> 17.1 s at 32 (exact
-        mode 18.9 -> 12.7 s, 25.7 -> 16.7 s), decoding time new over old 0.99 and 1.02 at
-        batch 8 (default and exact modes, medians of 5 rounds), 1.01 and 0.98 at 32 (3
-        rounds); such passes are rare in the default mode (none in 207 at batch 8, 4 in 168 at
-        32) and a fifth of exact mode's."""
+        One position stays a size for several rows too, although over 2 rows or more it is a
+        matrix product like the window's: in a model of real size a CPU call's time follows its
+        positions (the products are compute-bound), and a pass of one position per row run at
+        the window would do 4 to 16 times the arithmetic it needs (batch 8). t5-base shape,
+        random weights, batch 8, 16 sources, 32 new tokens, 54% exits (where such passes are
+        common), three interleaved rounds: the window alone for 2 rows or more took 1.33x,
+        1.42x and 1.32x the time of these two sizes' (every power of two up to the window:
+        1.04x, 1.04x, 1.34x; at 70% exits, 32 sources: 1.06x, 0.96x, 1.31x). On the demo
+        model the window alone changed nothing measurable and cut compile time by a third at
+        batch 8 and 32."""
         if self.chunk_positions is None:
             return self.buckets
         cap = 1
         while cap * 2 * rows <= self.chunk_positions:
             cap *= 2
         window = min(self.buckets[-1], cap)
-        if rows > 1:
-            return (window,)
         return tuple(sorted({min(self.buckets[0], window), window}))
 
     def flush(self, s: SpdState, d: _Decision, takes_part: Array, current_deep: Array):
