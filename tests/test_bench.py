@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import types
 
 import numpy as np
 import pytest
@@ -240,3 +241,25 @@ def test_cli_bench_on_the_demo_model(tmp_path, capsys):
     exact = [r for r in data["rows"] if r["label"] == "free exact"]
     assert all(r["equals_full"] for r in exact)
     assert (tmp_path / bench.PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_threshold_for_an_exit_rate_is_measured_over_every_input(monkeypatch):
+    """The exit rate that sets the threshold counts every input, not only the first batch: the
+    first 4 rows (confidence 0.9) exit below 0.9, the other 8 (0.2) only below 0.2. For 70%
+    over all 12, only a threshold below 0.2 comes close (100%; above it, 33%); the first batch
+    alone would exit 100% up to 0.9 and settle on 0.5."""
+    seen = []
+
+    def scripted_decode(model, ids, *, attention_mask, threshold, **_):
+        seen.append(len(ids))
+        confidence = ids[:, :1] / 100.0  # [B, 1]: one token per row
+        return types.SimpleNamespace(
+            exited=confidence > threshold, lengths=np.ones(len(ids), np.int32)
+        )
+
+    monkeypatch.setattr(bench, "decode", scripted_decode)
+    sources = [np.array([90])] * 4 + [np.array([20])] * 8
+    inputs = bench.BenchInputs(sources=sources, max_new_tokens=1)
+    threshold = bench.threshold_for_exit_rate(None, inputs, 0.7, rows=4, iterations=8)
+    assert threshold < 0.2
+    assert sum(seen) == 8 * len(sources)  # every input, at every bisection step
